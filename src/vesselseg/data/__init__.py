@@ -1,0 +1,1 @@
+"""Datasets: generators, downloaders and adapters onto one prepared layout."""

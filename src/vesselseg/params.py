@@ -1,0 +1,237 @@
+"""The schema of ``params.yaml`` and the one function that loads it.
+
+Every stage calls :func:`load_params` before doing any work, so a typo or an
+out-of-range value stops the pipeline with one line naming the key, instead of a
+traceback an hour later.  Models are ``extra="forbid"``: an unknown key is an error,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vesselseg.errors import ParamsError
+
+DATASETS = (
+    "synthetic",
+    "synthetic-fundus",
+    "drive",
+    "octa500",
+    "hrf",
+    "chase_db1",
+    "stare",
+    "retina_kaggle",
+    "lgg_mri",
+    "folder",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticParams(_Section):
+    n_subjects: int = Field(16, ge=3)
+    n_bscans: int = Field(128, ge=16)
+    depth: int = Field(160, ge=16)
+    width: int = Field(128, ge=16)
+    slab: tuple[int, int] = (60, 100)
+
+    @model_validator(mode="after")
+    def _slab_inside(self) -> "SyntheticParams":
+        lo, hi = self.slab
+        if not 0 <= lo < hi <= self.depth:
+            raise ValueError(f"slab {list(self.slab)} must satisfy 0 <= start < stop <= depth={self.depth}")
+        return self
+
+
+class SyntheticFundusParams(_Section):
+    n_images: int = Field(16, ge=3)
+    size: int = Field(256, ge=32)
+
+
+class Octa500Params(_Section):
+    subset: Literal["3M", "6M"] = "3M"
+    label: str = "GT_LargeVessel"
+    projection: str = "OCTA(ILM_OPL)"
+
+
+class FolderParams(_Section):
+    images: str | None = None
+    labels: str | None = None
+    fov: str | None = None
+
+
+class DataParams(_Section):
+    dataset: Literal[DATASETS] = "synthetic"  # type: ignore[valid-type]
+    source: str | None = None
+    seed: int = 0
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    synthetic: SyntheticParams = SyntheticParams()
+    synthetic_fundus: SyntheticFundusParams = SyntheticFundusParams()
+    octa500: Octa500Params = Octa500Params()
+    folder: FolderParams = FolderParams()
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataParams":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave images to train on (sum < 1)")
+        return self
+
+
+class PrepareParams(_Section):
+    projection: Literal["mean", "max", "min"] = "mean"
+    slab: tuple[int, int] | None = None
+    channel: Literal["green", "grey", "rgb"] = "green"
+    equalize: Literal["none", "global", "clahe"] = "clahe"
+    clahe_clip: float = Field(2.0, gt=0)
+    clahe_tile: int = Field(8, ge=1)
+    gamma: float = Field(1.0, gt=0)
+
+    @field_validator("slab")
+    @classmethod
+    def _slab_order(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"slab {list(v)} must satisfy 0 <= start < stop")
+        return v
+
+
+class PatchesParams(_Section):
+    size: int = Field(48, ge=8)
+    per_image: int = Field(300, ge=1)
+    sampling: Literal["uniform", "foreground"] = "foreground"
+    foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    val_per_image: int = Field(100, ge=1)
+    augment_copies: int = Field(0, ge=0)
+    rotate_limit: float = Field(0.0, ge=0.0, le=180.0)
+    scale_limit: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelParams(_Section):
+    name: Literal["unet"] = "unet"
+    depth: int = Field(3, ge=1, le=7)
+    base_channels: int = Field(16, ge=1)
+    batch_norm: bool = True
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    upsampling: Literal["bilinear", "transpose"] = "bilinear"
+    in_channels: int = Field(1, ge=1)
+
+
+class TrainParams(_Section):
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(32, ge=1)
+    loss: Literal["bce", "dice", "bce+dice"] = "bce+dice"
+    dice_weight: float = Field(0.5, ge=0.0, le=1.0)
+    patience: int = Field(8, ge=1)
+    flip: bool = True
+    rotate90: bool = True
+    threads: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    max_minutes: float = Field(6.0, ge=0.0)
+
+
+class PredictParams(_Section):
+    window: int = Field(96, ge=8)
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    weighting: Literal["constant", "gaussian"] = "gaussian"
+    batch_size: int = Field(16, ge=1)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class EvaluateParams(_Section):
+    n_overlays: int = Field(3, ge=0)
+    curve_points: int = Field(201, ge=3)
+
+
+class TrackingParams(_Section):
+    experiment: str = "vesselseg"
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    prepare: PrepareParams = PrepareParams()
+    patches: PatchesParams = PatchesParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    predict: PredictParams = PredictParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``train.lr``) as MLflow and DVC show params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) or first["type"] == "extra_forbidden" else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{got_txt}{more}"
+
+
+def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; errors name the dotted key."""
+    path = Path(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(path, err)) from None
+
+
+def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, validate and freeze the params file.
+
+    ``overrides`` maps dotted keys to values (tests and the CLI use it), applied
+    before validation so they are checked like the file itself.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}:{where}: malformed YAML ({getattr(err, 'problem', err)})") from None
+    raw = {} if raw is None else raw
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_params(raw, path)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value

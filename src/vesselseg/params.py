@@ -119,22 +119,35 @@ class ModelParams(_Section):
     batch_norm: bool = True
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     upsampling: Literal["bilinear", "transpose"] = "bilinear"
+    padding: Literal["same", "valid"] = "same"
     in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(1, ge=1, le=2)
 
 
 class TrainParams(_Section):
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(25, ge=1)
     batch_size: int = Field(32, ge=1)
-    loss: Literal["bce", "dice", "bce+dice"] = "bce+dice"
+    loss: Literal["bce", "dice", "bce+dice", "soft_iou", "ce"] = "bce+dice"
     dice_weight: float = Field(0.5, ge=0.0, le=1.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    scheduler: Literal["none", "step", "onecycle"] = "none"
+    step_size: int = Field(20, ge=1)
+    gamma: float = Field(0.9, gt=0.0, le=1.0)
     patience: int = Field(8, ge=1)
+    select_metric: Literal["dice", "iou"] = "dice"
+    val_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    val_window: int = Field(0, ge=0)
+    val_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     flip: bool = True
     rotate90: bool = True
     threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    max_minutes: float = Field(6.0, ge=0.0)
+    channels_last: bool = True
+    max_minutes: float = Field(0.0, ge=0.0)
 
 
 class PredictParams(_Section):
@@ -155,6 +168,7 @@ class TrackingParams(_Section):
 
 
 class Params(_Section):
+    recipe: str = "default"
     seed: int = 0
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()

@@ -1,0 +1,363 @@
+"""The training loop: a short skeleton of named steps (nnU-Net's shape, not its size).
+
+``fit`` = set up -> (resume) -> for each epoch: ``train_epoch`` -> ``validate`` ->
+``end_epoch`` (history, best model, checkpoint, early stopping).  Every
+hyperparameter arrives as an argument from ``params.yaml``; nothing is a literal here.
+
+Determinism: the data order, augmentation and dropout of epoch ``e`` are seeded from
+``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1`` continues
+exactly as an uninterrupted run would (tested on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from vesselseg import atomic
+from vesselseg.errors import DataError, ParamsError
+from vesselseg.layout import PreparedDataset
+from vesselseg.params import TrainParams
+from vesselseg.patches import load_patches
+from vesselseg.training import checkpoint as ckpt
+from vesselseg.training.batches import PatchBatches
+from vesselseg.training.device import amp_dtype, resolve_device, set_threads
+from vesselseg.training.distributed import World, barrier, broadcast_flag, init_world
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds"]
+
+
+class EpochLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def metrics(self, n_params: int, seconds: float, select_metric: str) -> dict[str, Any]:
+        best = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
+        return {
+            "best_epoch": self.best_epoch,
+            f"best_val_{select_metric}": round(self.best_score, 6),
+            "best_val_dice": round(float(best.get("val_dice", float("nan"))), 6),
+            "epochs_run": self.epochs_run,
+            "n_params": n_params,
+            "train_seconds": round(seconds, 1),
+        }
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Foreground probability for one sigmoid output or two softmax classes."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        model_config: dict[str, Any],
+        loss_fn: Any,
+        params: TrainParams,
+        seed: int,
+        device: torch.device,
+        world: World,
+        steps_per_epoch: int,
+    ) -> None:
+        self.params, self.seed, self.device, self.world = params, seed, device, world
+        self.model_config = model_config
+        self.two_class = int(model_config.get("out_channels", 1)) == 2
+        if params.loss == "ce" and not self.two_class:
+            raise ParamsError("train.loss: 'ce' needs model.out_channels: 2")
+        if self.two_class and params.loss != "ce":
+            raise ParamsError(f"train.loss: '{params.loss}' needs model.out_channels: 1 ('ce' is the two-class loss)")
+        self.raw_model = model.to(device)
+        if device.type == "cuda" and params.channels_last:
+            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
+        self.model: nn.Module = self.raw_model
+        if world.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+        self.loss_fn = loss_fn
+        if params.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+            )
+        self.batch_scheduler = params.scheduler == "onecycle"
+        self.scheduler: Any = None
+        if params.scheduler == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, params.step_size, params.gamma)
+        elif params.scheduler == "onecycle":
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=params.lr, total_steps=max(1, params.epochs * steps_per_epoch)
+            )
+        self.amp = amp_dtype(device) if params.amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.history: list[dict[str, float]] = []
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 1
+
+    # -- steps --------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def _to_device(self, *ts: torch.Tensor) -> list[torch.Tensor]:
+        nb = self.device.type == "cuda"
+        out = [t.to(self.device, non_blocking=nb) for t in ts]
+        if nb and self.params.channels_last:
+            out[0] = out[0].contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.two_class:
+            return self.loss_fn(logits, y[:, 0].long(), mask=m[:, 0])
+        return self.loss_fn(logits, y, mask=m)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
+        x, y, m = self._to_device(x, y, m)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self.model(x)
+        loss = self._loss(logits, y, m)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.batch_scheduler:
+            self.scheduler.step()
+        return {"loss": float(loss.detach()), "n": int(x.shape[0])}
+
+    def train_epoch(self, batches: PatchBatches, epoch: int) -> float:
+        self.model.train()
+        # dropout draws from the global torch RNG: seed it per epoch for exact resume
+        torch.manual_seed(self.seed * 1000003 + epoch * 1009 + self.world.rank)
+        total, count = 0.0, 0
+        for x, y, m in batches.epoch(epoch):
+            out = self.train_step(x, y, m)
+            total += out["loss"] * out["n"]
+            count += out["n"]
+        stats = torch.tensor([total, float(count)], dtype=torch.float64)
+        if self.world.distributed:
+            torch.distributed.all_reduce(stats)
+        return float(stats[0] / max(stats[1], 1.0))
+
+    @torch.inference_mode()
+    def val_loss(self, images: np.ndarray, labels: np.ndarray, fov: np.ndarray, batch_size: int) -> float:
+        from vesselseg.normalize import batch_to_input
+
+        self.raw_model.eval()
+        total, count = 0.0, 0
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(batch_to_input(images[s : s + batch_size]))
+            y = torch.from_numpy(np.asarray(labels[s : s + batch_size], dtype=np.float32))[:, None]
+            m = torch.from_numpy(np.asarray(fov[s : s + batch_size], dtype=np.float32))[:, None]
+            x, y, m = self._to_device(x, y, m)
+            with self._autocast():
+                logits = self.raw_model(x)
+            total += float(self._loss(logits, y, m)) * len(x)
+            count += len(x)
+        return total / max(count, 1)
+
+    @torch.inference_mode()
+    def val_scores(self, dataset: PreparedDataset) -> dict[str, float]:
+        """Dice and IoU pooled over the FOV pixels of the full validation images."""
+        from vesselseg.inference.predict import predict_image
+        from vesselseg.metrics import confusion, scores_from_confusion
+
+        self.raw_model.eval()
+        tp = fp = fn = tn = 0
+        for item in dataset.items("val"):
+            h, w = item.label.shape
+            window = self.params.val_window or (h, w)
+            probs = predict_image(
+                self.raw_model, item.image, window=window, overlap=self.params.val_overlap,
+                weighting="gaussian", batch_size=self.params.batch_size, device=self.device,
+                amp=self.amp is not None,
+            )
+            c = confusion(probs >= self.params.val_threshold, item.label, item.fov)
+            tp, fp, fn, tn = tp + c[0], fp + c[1], fn + c[2], tn + c[3]
+        s = scores_from_confusion(tp, fp, fn, tn)
+        return {"dice": float(s["dice"]), "iou": float(s["iou"])}
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- state ----------------------------------------------------------------------
+    def state(self, epoch: int, fingerprint: str) -> dict[str, Any]:
+        return {
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_state = state.get("best_state")
+        self.start_epoch = int(state["epoch"]) + 1
+        ckpt.set_rng_state(state["rng"])
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    df = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    atomic.write_text(path, df.to_csv(index=False, float_format="%.6g"))
+
+
+def fit(
+    *,
+    model_config: dict[str, Any],
+    params: TrainParams,
+    seed: int,
+    patch_dir: Path,
+    prepared_dir: Path,
+    model_path: Path,
+    checkpoint_path: Path,
+    history_path: Path,
+    metrics_path: Path,
+    logger: EpochLogger | None = None,
+    model_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train, keep the best model by validation score, return the training metrics."""
+    from vesselseg.losses import build_loss
+    from vesselseg.models import build_model, count_parameters, save_model
+
+    t0 = time.monotonic()
+    device = resolve_device(params.device)
+    threads = set_threads(params.threads)
+    world = init_world(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.backends.cudnn.benchmark = True
+    seed_everything(seed)
+    tr_images, tr_labels, tr_fov = load_patches(patch_dir, "train")
+    va_images, va_labels, va_fov = load_patches(patch_dir, "val")
+    channels = 1 if tr_images.ndim == 3 else tr_images.shape[-1]
+    if int(model_config.get("in_channels", 1)) != channels:
+        raise ParamsError(
+            f"model.in_channels={model_config.get('in_channels')} but the prepared images have {channels} channel(s)"
+            " (prepare.channel rgb gives 3)"
+        )
+    dataset = PreparedDataset(prepared_dir)
+    if not dataset.ids("val"):
+        raise DataError(f"{prepared_dir}/split.json: the validation split is empty (raise data.val_fraction)")
+    batches = PatchBatches(
+        tr_images, tr_labels, tr_fov, batch_size=params.batch_size, flip=params.flip, rotate90=params.rotate90,
+        seed=seed, rank=world.rank, world=world.size, pin_memory=device.type == "cuda",
+    )
+    model = build_model(model_config)
+    n_params = count_parameters(model)
+    trainer = Trainer(
+        model=model, model_config=model_config, loss_fn=build_loss(params.loss, dice_weight=params.dice_weight),
+        params=params, seed=seed, device=device, world=world, steps_per_epoch=len(batches),
+    )
+    fp = ckpt.fingerprint({"model": model_config, "train": params.model_dump(exclude={"threads", "device"}),
+                           "seed": seed, "n_train": len(tr_images), "n_val": len(va_images), "world": world.size})
+    state = ckpt.load_checkpoint(checkpoint_path, fp)
+    if state is not None:
+        trainer.restore(state)
+        log.info("resuming from %s at epoch %d", checkpoint_path, trainer.start_epoch)
+    log.info(
+        "training %s (%d params) on %s, %d threads, %d processes, %d train / %d val patches, %d steps per epoch",
+        model_config.get("name"), n_params, device, threads, world.size, len(tr_images), len(va_images), len(batches),
+    )
+    deadline = t0 + params.max_minutes * 60 if params.max_minutes else math.inf
+    stopped_early = False
+    epoch = trainer.start_epoch - 1
+    for epoch in range(trainer.start_epoch, params.epochs + 1):
+        e0 = time.monotonic()
+        lr = trainer.current_lr()
+        train_loss = trainer.train_epoch(batches, epoch)
+        if trainer.scheduler is not None and not trainer.batch_scheduler:
+            trainer.scheduler.step()
+        stop = False
+        if world.is_main:
+            val_loss = trainer.val_loss(va_images, va_labels, va_fov, params.batch_size)
+            scores = trainer.val_scores(dataset)
+            score = scores[params.select_metric]
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": scores["dice"],
+                   "val_iou": scores["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
+            trainer.history.append(row)
+            if score > trainer.best_score:
+                trainer.best_score, trainer.best_epoch = score, epoch
+                trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()}
+            _write_history(history_path, trainer.history)
+            ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fp))
+            if logger is not None:
+                logger.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
+            log.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (best %.4f @ %d)  %.1fs",
+                epoch, params.epochs, train_loss, val_loss, scores["dice"], trainer.best_score, trainer.best_epoch,
+                row["seconds"],
+            )
+            if epoch - trainer.best_epoch >= params.patience:
+                log.info("early stopping: no better validation %s for %d epochs", params.select_metric, params.patience)
+                stop = stopped_early = True
+            elif time.monotonic() > deadline:
+                log.warning("train.max_minutes=%s reached: stopping after epoch %d", params.max_minutes, epoch)
+                stop = True
+        if broadcast_flag(stop, world):
+            break
+    barrier(world)
+    result = TrainResult(trainer.best_epoch, trainer.best_score, epoch, trainer.history, stopped_early)
+    metrics = result.metrics(n_params, time.monotonic() - t0, params.select_metric)
+    if world.is_main:
+        if trainer.best_state is None:
+            raise DataError(f"{checkpoint_path}: no epoch produced a model (train.epochs={params.epochs})")
+        trainer.raw_model.load_state_dict(trainer.best_state)
+        save_model(model_path, trainer.raw_model, model_config,
+                   extra={**(model_extra or {}), "epoch": trainer.best_epoch, "val_score": round(trainer.best_score, 6)})
+        atomic.write_json(metrics_path, metrics)
+        Path(checkpoint_path).unlink(missing_ok=True)  # finished: a rerun starts afresh
+    return metrics

@@ -103,3 +103,16 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_torch(target: Path | str, obj: Any) -> None:
+    """``torch.save`` through a buffer, atomically.
+
+    Saving to a path names the zip's inner folder after the (random) temporary file,
+    so two identical models would hash differently; a buffer always uses
+    ``archive/``, which keeps model files byte-identical across runs (DVC and the
+    determinism promise compare hashes).
+    """
+    import torch
+
+    write_buffer(target, lambda buf: torch.save(obj, buf))

@@ -143,7 +143,8 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
             model_config=model_config(p), params=p.train, seed=p.seed, patch_dir=patch_dir,
             prepared_dir=prepared, model_path=model_path, checkpoint_path=checkpoint, history_path=history,
             metrics_path=metrics, logger=run,
-            model_extra={"recipe": p.recipe, "dataset": p.data.dataset, "mlflow_run_id": run.run_id},
+            # no run id or time here: equal params must give a byte-identical model file
+            model_extra={"recipe": p.recipe, "dataset": p.data.dataset},
         )
         run.log_metrics({f"final.{k}": float(v) for k, v in result.items()})
         run.log_artifact(history)

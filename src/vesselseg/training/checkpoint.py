@@ -40,7 +40,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     state = {"format": FORMAT, **state, "rng": rng_state()}
-    atomic.write_with(path, lambda p: torch.save(state, p))
+    atomic.write_torch(path, state)
 
 
 def load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:

@@ -1,0 +1,46 @@
+"""Small builders shared by tests (not fixtures, so subprocess tests can use them too)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vesselseg.layout import write_item
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def line_scene(seed: int, size: int = 48, fov_all: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A noisy image with a few bright random lines: easy to learn, cheap to train."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(3):
+        p0 = tuple(int(v) for v in rng.integers(0, size, 2))
+        p1 = tuple(int(v) for v in rng.integers(0, size, 2))
+        cv2.line(label, p0, p1, 1, int(rng.integers(1, 4)))
+    label = label.astype(bool)
+    noise = rng.normal(0, 25, (size, size))
+    image = np.clip(60 + 120 * label + noise, 0, 255).astype(np.uint8)
+    fov = np.ones((size, size), dtype=bool)
+    if not fov_all:
+        yy, xx = np.mgrid[:size, :size]
+        fov = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (size / 2) ** 2
+    return image, label, fov
+
+
+def make_prepared(root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 2, size: int = 48,
+                  fov_all: bool = False) -> Path:
+    ids = {"train": [f"tr{k}" for k in range(n_train)], "val": [f"va{k}" for k in range(n_val)],
+           "test": [f"te{k}" for k in range(n_test)]}
+    seed = 0
+    for split_ids in ids.values():
+        for i in split_ids:
+            write_item(root, i, *line_scene(seed, size, fov_all))
+            seed += 1
+    (root / "split.json").write_text(json.dumps({"dataset": "test", **ids}))
+    return root

@@ -1,0 +1,47 @@
+"""Train/val/test assignment: official splits kept, seeded draws, groups together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vesselseg.data.sample import RawSample
+from vesselseg.prepare import assign_splits
+
+
+def _s(i: str, split=None, group=None) -> RawSample:
+    return RawSample(id=i, label=Path(f"{i}.png"), image=Path(f"{i}.png"), split=split, group=group)
+
+
+def test_free_samples_are_split_by_fraction_and_seed() -> None:
+    samples = [_s(f"s{k:02d}") for k in range(20)]
+    a = assign_splits(samples, val_fraction=0.15, test_fraction=0.25, seed=1)
+    b = assign_splits(samples, val_fraction=0.15, test_fraction=0.25, seed=1)
+    assert a == b
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (12, 3, 5)
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(s.id for s in samples)
+    c = assign_splits(samples, val_fraction=0.15, test_fraction=0.25, seed=2)
+    assert c != a
+
+
+def test_official_test_kept_and_val_held_out_of_train() -> None:
+    samples = [_s(f"tr{k}", "train") for k in range(20)] + [_s(f"te{k}", "test") for k in range(20)]
+    out = assign_splits(samples, val_fraction=0.15, test_fraction=0.3, seed=0)
+    assert sorted(out["test"]) == sorted(f"te{k}" for k in range(20))
+    assert len(out["val"]) == 3 and len(out["train"]) == 17
+    assert all(i.startswith("tr") for i in out["val"] + out["train"])
+
+
+def test_official_val_is_respected() -> None:
+    samples = [_s("a", "train"), _s("b", "train"), _s("c", "val"), _s("d", "test")]
+    out = assign_splits(samples, val_fraction=0.5, test_fraction=0.0, seed=0)
+    assert out == {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
+
+
+def test_groups_never_straddle_splits() -> None:
+    samples = [_s(f"p{p}_{k}", group=f"p{p}") for p in range(10) for k in range(5)]
+    out = assign_splits(samples, val_fraction=0.2, test_fraction=0.2, seed=3)
+    where = {}
+    for split, ids in out.items():
+        for i in ids:
+            where.setdefault(i.split("_")[0], set()).add(split)
+    assert all(len(v) == 1 for v in where.values())

@@ -299,7 +299,7 @@ def test_save_load_roundtrip(tmp_path: Path, config: dict, shape: tuple) -> None
 def test_build_model_from_params_section() -> None:
     from vesselseg.params import Params
 
-    model = build_model(Params().model.model_dump())
+    model = build_model(Params().model.network_config())
     assert isinstance(model, UNet) and model.depth == 3
 
 

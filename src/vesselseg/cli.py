@@ -21,7 +21,7 @@ import click
 
 from vesselseg.errors import VesselsegError
 from vesselseg.log import setup_logging
-from vesselseg.params import Params, load_params
+from vesselseg.params import CLASSICAL_MODELS, Params, load_params
 
 log = logging.getLogger("vesselseg")
 
@@ -119,10 +119,6 @@ def patches(c: Ctx, prepared: Path, out: Path) -> None:
         run_patches(prepared_dir=prepared, out_dir=out, seed=p.seed, **p.patches.model_dump())
 
 
-def model_config(p: Params) -> dict[str, Any]:
-    return p.model.model_dump()
-
-
 @cli.command()
 @click.option("--patches", "patch_dir", type=PathArg, default=Path("data/patches"), show_default=True)
 @click.option("--prepared", type=PathArg, default=Path("data/prepared"), show_default=True)
@@ -134,19 +130,37 @@ def model_config(p: Params) -> dict[str, Any]:
 @pass_ctx
 def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint: Path, history: Path,
           metrics: Path) -> None:
-    """Train the model; keep the best epoch by validation score; resume after a kill."""
-    from vesselseg.training.loop import fit
+    """Train model.name; keep the best epoch by validation score; resume after a kill.
 
+    U-Nets train on the patches; `ipn` on the prepared volumes; `resnet_patch` on
+    patch centres; `knn`/`vesselness` fit on the prepared training images.
+    """
     p = c.params
+    name = p.model.name
+    # no run id or time in the model file: equal params must give a byte-identical file
+    extra = {"recipe": p.recipe, "dataset": p.data.dataset}
+    paths = dict(prepared_dir=prepared, model_path=model_path, history_path=history, metrics_path=metrics)
     with _timed("train"), _tracked("train", p) as run:
-        result = fit(
-            model_config=model_config(p), params=p.train, seed=p.seed, patch_dir=patch_dir,
-            prepared_dir=prepared, model_path=model_path, checkpoint_path=checkpoint, history_path=history,
-            metrics_path=metrics, logger=run,
-            # no run id or time here: equal params must give a byte-identical model file
-            model_extra={"recipe": p.recipe, "dataset": p.data.dataset},
-        )
-        run.log_metrics({f"final.{k}": float(v) for k, v in result.items()})
+        if name in CLASSICAL_MODELS:
+            from vesselseg.baselines.runner import fit_classical
+
+            result = fit_classical(model=p.model, seed=p.seed, **paths)
+        elif name == "ipn":
+            from vesselseg.training.ipn import fit_ipn
+
+            result = fit_ipn(model=p.model, train=p.train, seed=p.seed, checkpoint_path=checkpoint, logger=run,
+                             model_extra=extra, **paths)
+        elif name == "resnet_patch":
+            from vesselseg.training.patch_classifier import fit_patch_classifier
+
+            result = fit_patch_classifier(model=p.model, train=p.train, seed=p.seed, patch_dir=patch_dir,
+                                          checkpoint_path=checkpoint, logger=run, model_extra=extra, **paths)
+        else:
+            from vesselseg.training.loop import fit
+
+            result = fit(model_config=p.model.network_config(), params=p.train, seed=p.seed, patch_dir=patch_dir,
+                         checkpoint_path=checkpoint, logger=run, model_extra=extra, **paths)
+        run.log_metrics({f"final.{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
         run.log_artifact(history)
         run.log_model(model_path)
 
@@ -157,13 +171,35 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
 @click.option("--out", type=PathArg, default=Path("data/predictions"), show_default=True)
 @pass_ctx
 def predict(c: Ctx, model_path: Path, prepared: Path, out: Path) -> None:
-    """Predict full validation and test images by overlapping sliding windows."""
-    from vesselseg.inference.predict import run_predict
+    """Predict full validation and test images (sliding windows for networks).
+
+    Which predictor runs is read from the model file itself, not from params.yaml.
+    """
+    from vesselseg.models import model_kind
 
     p = c.params
+    kind = model_kind(model_path)
     with _timed("predict"):
-        run_predict(model_path=model_path, prepared_dir=prepared, out_dir=out, device=p.train.device,
-                    amp=p.train.amp, **p.predict.model_dump())
+        if kind in CLASSICAL_MODELS:
+            from vesselseg.baselines.runner import predict_classical
+
+            predict_classical(model_path=model_path, prepared_dir=prepared, out_dir=out,
+                              threshold=p.predict.threshold)
+        elif kind == "ipn":
+            from vesselseg.inference.ipn_predict import run_predict_ipn
+
+            run_predict_ipn(model_path=model_path, prepared_dir=prepared, out_dir=out, device=p.train.device,
+                            amp=p.train.amp, **p.predict.model_dump())
+        elif kind == "resnet_patch":
+            from vesselseg.training.patch_classifier import predict_patch_classifier
+
+            predict_patch_classifier(model_path=model_path, prepared_dir=prepared, out_dir=out,
+                                     device=p.train.device, **p.predict.model_dump())
+        else:
+            from vesselseg.inference.predict import run_predict
+
+            run_predict(model_path=model_path, prepared_dir=prepared, out_dir=out, device=p.train.device,
+                        amp=p.train.amp, **p.predict.model_dump())
 
 
 @cli.command()

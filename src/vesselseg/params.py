@@ -92,6 +92,8 @@ class PrepareParams(_Section):
     clahe_clip: float = Field(2.0, gt=0)
     clahe_tile: int = Field(8, ge=1)
     gamma: float = Field(1.0, gt=0)
+    volumes: bool = False
+    volume_depth: int = Field(64, ge=2)
 
     @field_validator("slab")
     @classmethod
@@ -112,16 +114,65 @@ class PatchesParams(_Section):
     scale_limit: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class KnnParams(_Section):
+    k_grid: tuple[int, ...] = (3, 5, 7, 9)
+    cv: int = Field(3, ge=2)
+    background_keep: float = Field(0.3, gt=0.0, le=1.0)
+    near_vessel_px: int = Field(3, ge=0)
+    max_pixels: int = Field(50000, ge=100)
+
+
+class VesselnessParams(_Section):
+    sigmas: tuple[float, ...] = (1.5, 3.0)
+    black_ridges: bool = True
+
+
+class IpnParams(_Section):
+    channels: int = Field(16, ge=1)
+    n_blocks: int = Field(3, ge=1)
+    block: int = Field(64, ge=8)
+
+
+class ResnetPatchParams(_Section):
+    width: int = Field(64, ge=4)
+    weights: str | None = None
+
+
+TORCH_MODELS = ("unet", "ipn", "resnet_patch")
+CLASSICAL_MODELS = ("knn", "vesselness")
+
+
 class ModelParams(_Section):
-    name: Literal["unet"] = "unet"
+    name: Literal["unet", "ipn", "resnet_patch", "knn", "vesselness"] = "unet"
     depth: int = Field(3, ge=1, le=7)
     base_channels: int = Field(16, ge=1)
     batch_norm: bool = True
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     upsampling: Literal["bilinear", "transpose"] = "bilinear"
     padding: Literal["same", "valid"] = "same"
+    input_norm: bool = False
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(1, ge=1, le=2)
+    knn: KnnParams = KnnParams()
+    vesselness: VesselnessParams = VesselnessParams()
+    ipn: IpnParams = IpnParams()
+    resnet_patch: ResnetPatchParams = ResnetPatchParams()
+
+    def network_config(self) -> dict[str, Any]:
+        """The constructor keywords of the chosen network (what the model file stores)."""
+        base = {"name": self.name, "in_channels": self.in_channels}
+        if self.name == "unet":
+            keys = ("depth", "base_channels", "batch_norm", "dropout", "upsampling", "padding", "input_norm",
+                    "out_channels")
+            return {**base, **{k: getattr(self, k) for k in keys}}
+        if self.name == "ipn":
+            # the input depth is the prepared volumes' (prepare.volume_depth): the
+            # IPN trainer adds it from the data rather than keeping a second setting
+            return {**base, "out_channels": self.out_channels, "channels": self.ipn.channels,
+                    "n_blocks": self.ipn.n_blocks}
+        if self.name == "resnet_patch":
+            return {**base, "width": self.resnet_patch.width}
+        raise ValueError(f"model.name={self.name!r} is not a neural network")
 
 
 class TrainParams(_Section):

@@ -115,6 +115,13 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
         for sample in tqdm(samples, desc="prepare", unit="img", disable=None):
             image, label, fov = prepare_image(sample, prepare)
             write_item(tmp, sample.id, image, label, fov)
+            if prepare.volumes and sample.volume is not None:
+                from vesselseg.preprocess.volume import load_volume
+
+                # (depth, width, n_bscans): depth first so windows over the en-face
+                # plane see it as channels, the layout IPN prediction slides over
+                volume = load_volume(io.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab)
+                atomic.write_npy(tmp / "volumes" / f"{sample.id}.npy", volume)
         atomic.write_json(tmp / "split.json", {"dataset": data.dataset, **splits})
     counts = {k: len(v) for k, v in splits.items()}
     log.info("prepared %d images of '%s': %s", len(samples), data.dataset, counts)

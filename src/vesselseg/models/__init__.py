@@ -198,3 +198,17 @@ def load_weights_into(model: nn.Module, path: Path | str, map_location: str | to
         raise DataError(problem)
     model.load_state_dict(obj["state_dict"])
     return {k: v for k, v in obj.items() if k != "state_dict"}
+
+
+def model_kind(path: Path | str) -> str:
+    """``config["name"]`` of a model file, so predict picks the right predictor.
+
+    Every model file, neural or classical, is a ``torch.save`` dict with a
+    ``config`` holding ``name``; classical models store arrays, never pickles.
+    """
+    path = Path(path)
+    obj = _read(path, "cpu")
+    config = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict) or "name" not in config:
+        raise DataError(f"{path}: model file has no config name")
+    return str(config["name"])

@@ -145,6 +145,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         upsampling: Upsampling = "bilinear",
         padding: Padding = "same",
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
@@ -159,6 +160,10 @@ class UNet(nn.Module):
             raise ValueError(f"padding must be one of ['same', 'valid'], got {padding!r}")
         self.depth = depth
         self.padding = padding
+        # Per-sample, per-channel standardisation inside the net (the patches-unet3
+        # recipe's "normalise each patch"): being a layer, it applies identically to
+        # training patches and to every sliding window at prediction time.
+        self.input_norm: nn.Module = nn.InstanceNorm2d(in_channels, affine=False) if input_norm else nn.Identity()
         conv_pad = 1 if padding == "same" else 0
         kw = {"batch_norm": batch_norm, "dropout": float(dropout), "padding": conv_pad}
         widths = [base_channels * 2**i for i in range(depth + 1)]
@@ -185,6 +190,7 @@ class UNet(nn.Module):
                 x = reflect_pad(x, (0, pw, 0, ph))
         else:
             self.output_size((h, w))  # raises a clear ValueError for impossible sizes
+        x = self.input_norm(x)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(F.max_pool2d(skips[-1], 2)))

@@ -1,0 +1,1 @@
+"""Image preprocessing for the prepare stage: OCTA projection, channel choice, equalization."""

@@ -10,7 +10,7 @@ scored, so a bad input file leaves the previous outputs untouched)::
 
     metrics_path      {"test": {metric: value, ..., "n_images": k}, "val": {...}}
     per_image_path    CSV: split, id, dice, ..., auc_roc, log_loss (sorted by split, id)
-    plots_dir/roc.csv split, fpr, tpr, threshold
+    plots_dir/roc.csv split, fpr, tpr, threshold   (test split; val when there is no test)
     plots_dir/pr.csv  split, recall, precision, threshold
     overlays_dir/<id>.png  four-panel figures of the first test images (by id)
 
@@ -191,8 +191,13 @@ def run_evaluate(
     metrics = {split: _pooled(split, acc) for split, acc in accs.items()}
     per_image = pd.DataFrame(rows, columns=list(PER_IMAGE_COLUMNS)).sort_values(["split", "id"], kind="stable")
     per_image["auc_roc"] = per_image["auc_roc"].astype(float)  # None -> NaN -> empty cell
-    roc = _curve_frame({s: a.roc_curve(curve_points) for s, a in accs.items()}, "fpr", "tpr")
-    pr = _curve_frame({s: a.pr_curve(curve_points) for s, a in accs.items()}, "recall", "precision")
+    # Curves of one split only: DVC's plot templates cannot group rows by a column,
+    # so two splits in one file would draw as one zig-zag line.  The reported split
+    # is test, or val where a dataset has no test split (the OCTA-500 2D copy).
+    curve_split = "test" if "test" in accs else next(iter(accs))
+    curve_accs = {curve_split: accs[curve_split]}
+    roc = _curve_frame({s: a.roc_curve(curve_points) for s, a in curve_accs.items()}, "fpr", "tpr")
+    pr = _curve_frame({s: a.pr_curve(curve_points) for s, a in curve_accs.items()}, "recall", "precision")
 
     atomic.write_json(metrics_path, metrics)
     _write_csv(Path(per_image_path), per_image)

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
 from tests.helpers import ROOT
+from vesselseg import scratch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,17 +32,11 @@ TINY = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
+    try:
+        return scratch.run(cmd, cwd, env)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def _sha(path: Path) -> str:
@@ -55,27 +45,9 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "stages", "src", "pyproject.toml"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name,
-                                                            **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                                               if src.is_dir() else {}))
-    shutil.copy2(ROOT / ".gitignore", repo / ".gitignore")
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "VESSELSEG_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("VESSELSEG_TRACKING", None)
-    _run(["git", "init", "-q", "-b", "main"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "config", "core.analytics", "false"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
+    env = scratch.scratch_env(threads=1)
+    root = scratch.make_project(tmp_path_factory.mktemp("e2e") / "project", TINY, root=ROOT, env=env)
+    return root, env
 
 
 def test_repro_then_nothing_to_do(repo: tuple[Path, dict[str, str]]) -> None:
@@ -128,6 +100,30 @@ def test_mlflow_holds_both_runs_with_commit_and_experiment(repo: tuple[Path, dic
     assert "lr-high" in out
     head = _run(["git", "rev-parse", "HEAD"], root, env).strip()
     assert head[:7] in out
+
+
+def test_report_against_the_first_commit(repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Two commits with different train.lr, both reproduced: the report's numbers are right."""
+    from tests.test_report import check_png, parse_table, section
+
+    root, env = repo
+    base = _run(["git", "rev-parse", "HEAD"], root, env).strip()
+    old = json.loads(_run(["git", "show", f"{base}:reports/metrics.json"], root, env))
+    _run(["git", "add", "-A"], root, env)  # the workspace holds the lr=0.003 experiment's results
+    _run(["git", "commit", "-qm", "lr 0.003"], root, env)
+    new = json.loads((root / "reports/metrics.json").read_text())
+    out = tmp_path / "rep"
+    _run([sys.executable, "-m", "vesselseg.cli", "report", "--base", base, "--out", str(out)], root, env)
+    md = (out / "report.md").read_text()
+    params = {r[0].strip("`"): r[1:] for r in parse_table(section(md, "Params changed"))[1:]}
+    assert float(params["train.lr"][0]) == 0.001 and float(params["train.lr"][1]) == 0.003
+    rows = {r[0].strip("`"): r[1:] for r in parse_table(section(md, "Metrics"))[1:]}
+    for key in ("test.dice", "test.auc_roc", "val.dice"):
+        split, metric = key.split(".")
+        assert float(rows[key][0]) == pytest.approx(old[split][metric], abs=6e-5)
+        assert float(rows[key][1]) == pytest.approx(new[split][metric], abs=6e-5)
+    for name in ("training_curves.png", "roc.png", "pr.png"):
+        check_png(out / name)
 
 
 def test_fundus_variant_runs_through_the_same_stages(repo: tuple[Path, dict[str, str]]) -> None:

@@ -152,4 +152,29 @@ def list_slices(folder: Path | str) -> list[Path]:
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
     if not files:
         raise DataError(f"{folder}: volume folder holds no B-scan images")
+    _check_numbering(folder, files)
     return files
+
+
+def _check_numbering(folder: Path, files: list[Path]) -> None:
+    """Refuse a gap or a duplicate in numbered B-scans (``1.bmp .. N.bmp``).
+
+    A missing slice would otherwise shift every later B-scan one column left in the
+    en-face map, misaligning it with its label without any error.  Numbering starts at
+    1 (OCTA-500) or 0; folders whose names are not plain numbers are not checked.
+    """
+    if not all(p.stem.isdigit() for p in files):
+        return
+    numbers = [int(p.stem) for p in files]
+    seen: dict[int, Path] = {}
+    for n, p in zip(numbers, files):
+        if n in seen:
+            raise DataError(f"{p}: B-scan number {n} appears twice (also {seen[n].name})")
+        seen[n] = p
+    first = 0 if numbers[0] == 0 else 1
+    missing = sorted(set(range(first, numbers[-1] + 1)) - set(numbers))
+    if missing:
+        suffix = files[0].suffix
+        shown = ", ".join(f"{m}{suffix}" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"{folder / f'{missing[0]}{suffix}'}: missing B-scan slice ({len(missing)} missing: {shown}); "
+                        f"the volume has {len(files)} slices numbered up to {numbers[-1]}")

@@ -130,6 +130,28 @@ def extract_patches(
     return PatchSet(np.concatenate(imgs), np.concatenate(labs), np.concatenate(fovs), manifest)
 
 
+def _check_sizes(ds: PreparedDataset, size: int) -> None:
+    """Refuse an image smaller than a patch before any work, naming the file.
+
+    Reads only headers (PIL), so a bad size among many images fails in a second
+    instead of after the other images were loaded.
+    """
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for id_ in ds.ids(split):
+            path = ds.paths(id_)[0]
+            if not path.is_file():
+                raise DataError(f"{path}: file not found; run the prepare stage again")
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except Exception as err:  # PIL raises several types for an unreadable file
+                raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
+            if size > h or size > w:
+                raise DataError(f"{path}: image {w}x{h} is smaller than patches.size={size}; lower patches.size to at most {min(h, w)}")
+
+
 def run_patches(
     *,
     prepared_dir: Path,
@@ -146,6 +168,7 @@ def run_patches(
 ) -> dict[str, float]:
     """Write ``{train,val}_{images,labels,fov}.npy``, ``manifest.csv`` and ``stats.json``."""
     ds = PreparedDataset(prepared_dir)
+    _check_sizes(ds, size)
     stats: dict[str, float] = {}
     with atomic.atomic_dir(out_dir) as tmp:
         for split, count, copies in (("train", per_image, augment_copies), ("val", val_per_image, 0)):

@@ -98,7 +98,8 @@ def split_source(source: Path | str | None, dataset: str, layout: str) -> list[P
 def scratch_dir(near: Path) -> Iterator[Path]:
     """A temporary folder beside ``near`` (same file system, so moves are renames)."""
     near.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-scratch-{near.name}-", dir=near.parent))
+    # .tmp-<pid>-: a killed run's leftover is removed by vesselseg.atomic.sweep_stale
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-scratch-{near.name}-", dir=near.parent))
     try:
         yield tmp
     finally:

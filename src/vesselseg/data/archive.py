@@ -112,7 +112,8 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         raise DownloadError(f"{archive}: archive not found")
     kind = archive_kind(archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-extract-{dest.name}-", dir=dest.parent))
+    # .tmp-<pid>-: a killed run's leftover is removed by vesselseg.atomic.sweep_stale
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-extract-{dest.name}-", dir=dest.parent))
     try:
         try:
             if kind == "zip":

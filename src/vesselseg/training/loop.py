@@ -165,7 +165,12 @@ class Trainer:
             self.scheduler.step()
         return {"loss": float(loss.detach()), "n": int(x.shape[0])}
 
-    def train_epoch(self, batches: PatchBatches, epoch: int) -> float:
+    def train_epoch(self, batches: PatchBatches, epoch: int, deadline: float = math.inf) -> float:
+        """Mean training loss of one epoch; cut short once ``deadline`` (monotonic) passes.
+
+        All ranks check the same clock only under a cap (``train.max_minutes``); a
+        run without one never depends on time, so it stays deterministic.
+        """
         self.model.train()
         # dropout draws from the global torch RNG: seed it per epoch for exact resume
         torch.manual_seed(self.seed * 1000003 + epoch * 1009 + self.world.rank)
@@ -174,6 +179,9 @@ class Trainer:
             out = self.train_step(x, y, m)
             total += out["loss"] * out["n"]
             count += out["n"]
+            if time.monotonic() > deadline and not self.world.distributed:
+                log.warning("train.max_minutes reached in epoch %d after %d samples", epoch, count)
+                break
         stats = torch.tensor([total, float(count)], dtype=torch.float64)
         if self.world.distributed:
             torch.distributed.all_reduce(stats)
@@ -318,7 +326,7 @@ def fit(
     for epoch in range(trainer.start_epoch, params.epochs + 1):
         e0 = time.monotonic()
         lr = trainer.current_lr()
-        train_loss = trainer.train_epoch(batches, epoch)
+        train_loss = trainer.train_epoch(batches, epoch, deadline)
         if trainer.scheduler is not None and not trainer.batch_scheduler:
             trainer.scheduler.step()
         stop = False

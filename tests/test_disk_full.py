@@ -151,11 +151,6 @@ def test_disk_full_on_first_run_leaves_no_prediction_folder(workspace: Path, mon
     _assert_no_partial(workspace)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_predict swaps each split folder in separately: a failure in 'test' leaves the new 'val' "
-    "beside the old 'test' (fix: build the whole out_dir under one atomic_dir in inference/predict.py)",
-)
 def test_disk_full_in_the_second_split_keeps_every_previous_prediction(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

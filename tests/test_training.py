@@ -21,7 +21,7 @@ from vesselseg.patches import run_patches
 
 torch.set_num_threads(1)
 
-MODEL = ModelParams(depth=2, base_channels=4, batch_norm=True, dropout=0.1).model_dump()
+MODEL = ModelParams(depth=2, base_channels=4, batch_norm=True, dropout=0.1).network_config()
 
 
 def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
@@ -113,7 +113,7 @@ from tests.test_training import _fit, MODEL_DDP
 tmp = Path(sys.argv[1])
 _fit(tmp, tmp / "prepared", tmp / "patches", "ddp", model=MODEL_DDP, loss="bce", flip=False, rotate90=False)
 """
-MODEL_DDP = ModelParams(depth=2, base_channels=4, batch_norm=False, dropout=0.0).model_dump()
+MODEL_DDP = ModelParams(depth=2, base_channels=4, batch_norm=False, dropout=0.0).network_config()
 
 
 def _free_port() -> int:

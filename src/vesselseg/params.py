@@ -190,7 +190,7 @@ class TrainParams(_Section):
     patience: int = Field(8, ge=1)
     select_metric: Literal["dice", "iou"] = "dice"
     val_threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    val_window: int = Field(0, ge=0)
+    val_window: int | None = Field(None, ge=8)
     val_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     flip: bool = True
     rotate90: bool = True
@@ -202,8 +202,8 @@ class TrainParams(_Section):
 
 
 class PredictParams(_Section):
-    window: int = Field(96, ge=8)
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    window: int | None = Field(128, ge=8)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
     weighting: Literal["constant", "gaussian"] = "gaussian"
     batch_size: int = Field(16, ge=1)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)

@@ -17,8 +17,40 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vesselseg.augment import online_augmenter
+from vesselseg.augment import online_augmenter  # first: it turns albumentations' update check off
 from vesselseg.normalize import batch_to_input
+
+import albumentations as A  # noqa: E402  (isort: skip)
+
+# Transforms that only move pixels (no interpolation, no value change): image, label and
+# FOV can go through them as channels of one array.
+_DIHEDRAL = (A.HorizontalFlip, A.VerticalFlip, A.RandomRotate90, A.Transpose)
+
+
+def _is_dihedral(aug: A.Compose) -> bool:
+    return all(isinstance(t, _DIHEDRAL) for t in aug.transforms)
+
+
+def augment_batch(aug: A.Compose, im: np.ndarray, lb: np.ndarray, fv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply ``aug`` to each sample of a batch; image, label and FOV see the same transform.
+
+    Why stacked: each albumentations call has a fixed cost per target, and most of a
+    48-px patch's cost is that overhead.  For pixel-moving transforms only (flips,
+    rot90: what the online augmenter uses) the label and FOV ride along as extra
+    channels of the image in one call: half the time (measured 12.9 vs 23.9 ms per
+    batch of 32), and the same random draws, so exactly the same output as calling
+    ``aug(image=, mask=, fov=)`` per sample (checked by benchmarks/bench_input_pipeline.py).
+    Any other transform (interpolating, value-changing) takes the per-target path.
+    """
+    if _is_dihedral(aug) and im.dtype == lb.dtype == fv.dtype:
+        chans = im if im.ndim == 4 else im[..., None]
+        stacked = np.concatenate([chans, lb[..., None], fv[..., None]], axis=-1)
+        out = np.stack([aug(image=s)["image"] for s in stacked])
+        c = chans.shape[-1]
+        im_out = out[..., :c] if im.ndim == 4 else out[..., 0]
+        return np.ascontiguousarray(im_out), np.ascontiguousarray(out[..., c]), np.ascontiguousarray(out[..., c + 1])
+    res = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]
+    return np.stack([o["image"] for o in res]), np.stack([o["mask"] for o in res]), np.stack([o["fov"] for o in res])
 
 
 def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -61,10 +93,7 @@ class PatchBatches:
         idx = np.sort(idx)  # sorted reads from the memmap; order inside a batch is irrelevant
         im, lb, fv = self.images[idx], self.labels[idx], self.fov[idx]
         if aug is not None:
-            out = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]
-            im = np.stack([o["image"] for o in out])
-            lb = np.stack([o["mask"] for o in out])
-            fv = np.stack([o["fov"] for o in out])
+            im, lb, fv = augment_batch(aug, im, lb, fv)
         x = torch.from_numpy(batch_to_input(im))
         y = torch.from_numpy(np.ascontiguousarray(lb, dtype=np.float32))[:, None]
         m = torch.from_numpy(np.ascontiguousarray(fv, dtype=np.float32))[:, None]

@@ -32,7 +32,7 @@ from vesselseg.params import TrainParams
 from vesselseg.patches import load_patches
 from vesselseg.training import checkpoint as ckpt
 from vesselseg.training.batches import PatchBatches
-from vesselseg.training.device import amp_dtype, resolve_device, set_threads
+from vesselseg.device import amp_dtype, resolve_device, set_threads
 from vesselseg.training.distributed import World, barrier, broadcast_flag, init_world
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ class Trainer:
         self.raw_model.eval()
         tp = fp = fn = tn = 0
         for item in dataset.items("val"):
-            h, w = item.label.shape
-            window = self.params.val_window or (h, w)
+            window = self.params.val_window  # None: the whole image in one pass
             probs = predict_image(
                 self.raw_model, item.image, window=window, overlap=self.params.val_overlap,
                 weighting="gaussian", batch_size=self.params.batch_size, device=self.device,

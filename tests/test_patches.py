@@ -101,3 +101,15 @@ def test_patch_larger_than_image_is_refused() -> None:
         extract_patches([Item("small", image, label, fov)], split="train", size=48, per_image=5,
                         sampling="uniform", foreground_fraction=0, augment_copies=0, rotate_limit=0,
                         scale_limit=0, seed=0)
+
+
+def test_image_weighting_by_foreground_share() -> None:
+    a = _scene(seed=0)
+    b_img, b_lab, b_fov = _scene(seed=1)
+    b_lab = b_lab.copy()
+    b_lab[10:20, :] = True  # image b has far more vessel than image a
+    items = [Item("a", *a), Item("b", b_img, b_lab, b_fov)]
+    ps = extract_patches(items, split="train", size=16, per_image=50, sampling="uniform", foreground_fraction=0,
+                         augment_copies=0, rotate_limit=0, scale_limit=0, seed=0, image_weighting="foreground")
+    counts = ps.manifest["image_id"].value_counts()
+    assert counts.sum() == 100 and counts["b"] > 2 * counts["a"] >= 2

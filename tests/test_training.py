@@ -141,3 +141,24 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert len(hs) == len(hd) == 3
     for col in ("train_loss", "val_loss", "val_dice"):
         assert hs[col].tolist() == pytest.approx(hd[col].tolist(), rel=1e-4, abs=1e-5), col
+
+
+def test_valid_padding_unet_trains_on_cropped_targets(tmp_path: Path) -> None:
+    """unet-valid: the output is smaller than the patch; labels are centre-cropped to it."""
+    prepared = make_prepared(tmp_path / "prepared")
+    patches = tmp_path / "patches"
+    run_patches(prepared_dir=prepared, out_dir=patches, size=44, per_image=8, val_per_image=4,
+                sampling="foreground", foreground_fraction=0.5, augment_copies=0, rotate_limit=0, scale_limit=0,
+                seed=0)
+    model = ModelParams(depth=1, base_channels=4, padding="valid", upsampling="transpose").network_config()
+    out, metrics = _fit(tmp_path, prepared, patches, "valid", model=model, loss="bce", epochs=2)
+    assert (out / "model.pt").is_file() and metrics["epochs_run"] == 2
+    assert 0.0 <= metrics["best_val_dice"] <= 1.0
+
+
+def test_center_crop_to() -> None:
+    from vesselseg.training.loop import center_crop_to
+
+    t = torch.arange(36.0).reshape(1, 1, 6, 6)
+    out = center_crop_to(t, torch.zeros(1, 1, 2, 2))
+    assert out.flatten().tolist() == [14.0, 15.0, 20.0, 21.0]

@@ -108,6 +108,7 @@ class PatchesParams(_Section):
     per_image: int = Field(300, ge=1)
     sampling: Literal["uniform", "foreground"] = "foreground"
     foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    image_weighting: Literal["uniform", "foreground"] = "uniform"
     val_per_image: int = Field(100, ge=1)
     augment_copies: int = Field(0, ge=0)
     rotate_limit: float = Field(0.0, ge=0.0, le=180.0)

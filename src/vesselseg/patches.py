@@ -92,8 +92,13 @@ def extract_patches(
     rotate_limit: float,
     scale_limit: float,
     seed: int,
+    image_weighting: str = "uniform",
 ) -> PatchSet:
     """Sample, crop and (optionally) augment offline the patches of one split.
+
+    ``image_weighting="foreground"`` spreads the same total (``per_image`` x images)
+    in proportion to each image's vessel share inside its FOV, so images with more
+    vessel are seen more often (the unet5-onecycle recipe); every image keeps >= 1.
 
     Each image gets its own generator seeded by ``(seed, split, image index)`` so
     adding an image never changes the patches of the others.
@@ -101,13 +106,17 @@ def extract_patches(
     split_code = {"train": 0, "val": 1, "test": 2}[split]
     imgs, labs, fovs, rows = [], [], [], []
     augment = offline_augmenter(rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed) if augment_copies else None
+    counts = [per_image] * len(items)
+    if image_weighting == "foreground" and items:
+        share = np.array([it.label[it.fov].mean() if it.fov.any() else it.label.mean() for it in items]) + 1e-6
+        counts = np.maximum(1, np.round(per_image * len(items) * share / share.sum())).astype(int).tolist()
     for idx, item in enumerate(tqdm(items, desc=f"patches {split}", unit="img", disable=None)):
         h, w = item.label.shape
         if size > h or size > w:
             raise DataError(f"{item.id}: image {w}x{h} is smaller than patches.size={size}")
         rng = np.random.default_rng([seed, split_code, idx])
         corners = sample_corners(
-            item.label, item.fov, n=per_image, size=size, sampling=sampling,
+            item.label, item.fov, n=counts[idx], size=size, sampling=sampling,
             foreground_fraction=foreground_fraction, rng=rng,
         )
         im = crop(item.image, corners, size)
@@ -165,13 +174,15 @@ def run_patches(
     rotate_limit: float,
     scale_limit: float,
     seed: int,
+    image_weighting: str = "uniform",
 ) -> dict[str, float]:
     """Write ``{train,val}_{images,labels,fov}.npy``, ``manifest.csv`` and ``stats.json``."""
     ds = PreparedDataset(prepared_dir)
     _check_sizes(ds, size)
     stats: dict[str, float] = {}
     with atomic.atomic_dir(out_dir) as tmp:
-        for split, count, copies in (("train", per_image, augment_copies), ("val", val_per_image, 0)):
+        for split, count, copies, weighting in (("train", per_image, augment_copies, image_weighting),
+                                                ("val", val_per_image, 0, "uniform")):
             ids = ds.ids(split)
             if not ids:
                 raise DataError(f"{prepared_dir}/split.json: split '{split}' is empty")
@@ -179,7 +190,7 @@ def run_patches(
             ps = extract_patches(
                 items, split=split, size=size, per_image=count, sampling=sampling,
                 foreground_fraction=foreground_fraction, augment_copies=copies,
-                rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed,
+                rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed, image_weighting=weighting,
             )
             atomic.write_npy(tmp / f"{split}_images.npy", ps.images)
             atomic.write_npy(tmp / f"{split}_labels.npy", ps.labels)

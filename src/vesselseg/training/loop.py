@@ -70,6 +70,17 @@ class TrainResult:
         }
 
 
+def center_crop_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Crop labels/masks to the output of an unpadded ("valid") U-Net, which is
+    smaller than its input by the same margin on every side."""
+    dh, dw = t.shape[-2] - like.shape[-2], t.shape[-1] - like.shape[-1]
+    if dh == dw == 0:
+        return t
+    if dh < 0 or dw < 0:
+        raise ValueError(f"network output {tuple(like.shape[-2:])} is larger than its target {tuple(t.shape[-2:])}")
+    return t[..., dh // 2 : dh // 2 + like.shape[-2], dw // 2 : dw // 2 + like.shape[-1]]
+
+
 def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Foreground probability for one sigmoid output or two softmax classes."""
     if logits.shape[1] == 1:
@@ -144,6 +155,7 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        y, m = center_crop_to(y, logits), center_crop_to(m, logits)
         if self.two_class:
             return self.loss_fn(logits, y[:, 0].long(), mask=m[:, 0])
         return self.loss_fn(logits, y, mask=m)

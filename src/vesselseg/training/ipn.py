@@ -43,15 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vesselseg import atomic
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference.ipn_predict import VOLUMES_DIR, load_prepared_volume, predict_volume, volume_path, volume_to_input
 from vesselseg.layout import PreparedDataset
 from vesselseg.params import ModelParams, TrainParams
 from vesselseg.training import checkpoint as ckpt
 from vesselseg.device import resolve_device, set_threads
-from vesselseg.training.distributed import barrier, broadcast_flag, init_world
-from vesselseg.training.loop import EpochLogger, Trainer, TrainResult, _write_history, seed_everything
+from vesselseg.training.distributed import init_world
+from vesselseg.training.loop import EpochLogger, Trainer, run_epochs, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +263,7 @@ def fit_ipn(
     (``None``: cover its en-face area once on average).  Returns the training metrics.
     """
     from vesselseg.losses import build_loss
-    from vesselseg.models import build_model, count_parameters, save_model
+    from vesselseg.models import build_model, count_parameters
 
     t0 = time.monotonic()
     if model.name != "ipn":
@@ -318,52 +317,13 @@ def fit_ipn(
         n_params, depth, device, threads, world.size, len(tr_items), len(va_items), batches.n_blocks,
         model.ipn.block, len(batches),
     )
-    deadline = t0 + train.max_minutes * 60 if train.max_minutes else math.inf
-    stopped_early = False
-    epoch = trainer.start_epoch - 1
-    for epoch in range(trainer.start_epoch, train.epochs + 1):
-        e0 = time.monotonic()
-        lr = trainer.current_lr()
-        train_loss = trainer.train_epoch(batches, epoch)  # type: ignore[arg-type]  # duck-typed batch source
-        if trainer.scheduler is not None and not trainer.batch_scheduler:
-            trainer.scheduler.step()
-        stop = False
-        if world.is_main:
-            trainer.refresh_batch_norm(batches, epoch)
-            val = trainer.validate(va_items)
-            score = val[train.select_metric]
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
-                   "val_iou": val["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
-            trainer.history.append(row)
-            if score > trainer.best_score:
-                trainer.best_score, trainer.best_epoch = score, epoch
-                trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()}
-            _write_history(history_path, trainer.history)
-            ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fp))
-            if logger is not None:
-                logger.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
-            log.info(
-                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (best %.4f @ %d)  %.1fs",
-                epoch, train.epochs, train_loss, val["loss"], val["dice"], trainer.best_score, trainer.best_epoch,
-                row["seconds"],
-            )
-            if epoch - trainer.best_epoch >= train.patience:
-                log.info("early stopping: no better validation %s for %d epochs", train.select_metric, train.patience)
-                stop = stopped_early = True
-            elif time.monotonic() > deadline:
-                log.warning("train.max_minutes=%s reached: stopping after epoch %d", train.max_minutes, epoch)
-                stop = True
-        if broadcast_flag(stop, world):
-            break
-    barrier(world)
-    result = TrainResult(trainer.best_epoch, trainer.best_score, epoch, trainer.history, stopped_early)
-    metrics = result.metrics(n_params, time.monotonic() - t0, train.select_metric)
-    if world.is_main:
-        if trainer.best_state is None:
-            raise DataError(f"{checkpoint_path}: no epoch produced a model (train.epochs={train.epochs})")
-        trainer.raw_model.load_state_dict(trainer.best_state)
-        save_model(model_path, trainer.raw_model, model_config,
-                   extra={**(model_extra or {}), "epoch": trainer.best_epoch, "val_score": round(trainer.best_score, 6)})
-        atomic.write_json(metrics_path, metrics)
-        Path(checkpoint_path).unlink(missing_ok=True)  # finished: a rerun starts afresh
-    return metrics
+
+    def validate(epoch: int) -> dict[str, float]:
+        trainer.refresh_batch_norm(batches, epoch)
+        return trainer.validate(va_items)
+
+    return run_epochs(
+        trainer, batches, validate, params=train, fingerprint=fp, t0=t0, model_config=model_config,
+        n_params=n_params, model_path=model_path, checkpoint_path=checkpoint_path, history_path=history_path,
+        metrics_path=metrics_path, logger=logger, model_extra=model_extra,
+    )

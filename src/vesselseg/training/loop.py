@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -290,7 +291,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train, keep the best model by validation score, return the training metrics."""
     from vesselseg.losses import build_loss
-    from vesselseg.models import build_model, count_parameters, save_model
+    from vesselseg.models import build_model, count_parameters
 
     t0 = time.monotonic()
     device = resolve_device(params.device)
@@ -331,6 +332,45 @@ def fit(
         "training %s (%d params) on %s, %d threads, %d processes, %d train / %d val patches, %d steps per epoch",
         model_config.get("name"), n_params, device, threads, world.size, len(tr_images), len(va_images), len(batches),
     )
+
+    def validate(epoch: int) -> dict[str, float]:
+        return {"loss": trainer.val_loss(va_images, va_labels, va_fov, params.batch_size),
+                **trainer.val_scores(dataset)}
+
+    return run_epochs(
+        trainer, batches, validate, params=params, fingerprint=fp, t0=t0, model_config=model_config,
+        n_params=n_params, model_path=model_path, checkpoint_path=checkpoint_path, history_path=history_path,
+        metrics_path=metrics_path, logger=logger, model_extra=model_extra,
+    )
+
+
+def run_epochs(
+    trainer: Trainer,
+    batches: Any,
+    validate: Callable[[int], dict[str, float]],
+    *,
+    params: TrainParams,
+    fingerprint: str,
+    t0: float,
+    model_config: dict[str, Any],
+    n_params: int,
+    model_path: Path,
+    checkpoint_path: Path,
+    history_path: Path,
+    metrics_path: Path,
+    logger: EpochLogger | None = None,
+    model_extra: dict[str, Any] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The epoch loop every trainer shares (U-Net, IPN, patch classifier).
+
+    ``batches`` has ``epoch(e)`` and ``__len__``; ``validate(epoch)`` returns
+    ``{"loss", "dice", "iou"}`` on rank 0.  Each epoch: train, step the scheduler,
+    validate, keep the best weights, write the history, checkpoint, log, then decide
+    (rank 0, broadcast) on early stopping or the time cap.  At the end the best
+    weights are saved as the model and the checkpoint is removed.
+    """
+    world = trainer.world
     deadline = t0 + params.max_minutes * 60 if params.max_minutes else math.inf
     stopped_early = False
     epoch = trainer.start_epoch - 1
@@ -342,22 +382,21 @@ def fit(
             trainer.scheduler.step()
         stop = False
         if world.is_main:
-            val_loss = trainer.val_loss(va_images, va_labels, va_fov, params.batch_size)
-            scores = trainer.val_scores(dataset)
-            score = scores[params.select_metric]
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": scores["dice"],
-                   "val_iou": scores["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
+            val = validate(epoch)
+            score = val[params.select_metric]
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
+                   "val_iou": val["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
             trainer.history.append(row)
             if score > trainer.best_score:
                 trainer.best_score, trainer.best_epoch = score, epoch
                 trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()}
             _write_history(history_path, trainer.history)
-            ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fp))
+            ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fingerprint))
             if logger is not None:
                 logger.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
             log.info(
                 "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (best %.4f @ %d)  %.1fs",
-                epoch, params.epochs, train_loss, val_loss, scores["dice"], trainer.best_score, trainer.best_epoch,
+                epoch, params.epochs, train_loss, val["loss"], val["dice"], trainer.best_score, trainer.best_epoch,
                 row["seconds"],
             )
             if epoch - trainer.best_epoch >= params.patience:
@@ -370,8 +409,10 @@ def fit(
             break
     barrier(world)
     result = TrainResult(trainer.best_epoch, trainer.best_score, epoch, trainer.history, stopped_early)
-    metrics = result.metrics(n_params, time.monotonic() - t0, params.select_metric)
+    metrics = {**result.metrics(n_params, time.monotonic() - t0, params.select_metric), **(extra_metrics or {})}
     if world.is_main:
+        from vesselseg.models import save_model
+
         if trainer.best_state is None:
             raise DataError(f"{checkpoint_path}: no epoch produced a model (train.epochs={params.epochs})")
         trainer.raw_model.load_state_dict(trainer.best_state)

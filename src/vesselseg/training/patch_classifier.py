@@ -24,14 +24,12 @@ The image is reflect-padded so border centres get a full patch.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.interpolate import RegularGridInterpolator
 from tqdm import tqdm
@@ -106,10 +104,6 @@ def _validate(trainer: Any, images: np.ndarray, labels: np.ndarray, fov: np.ndar
     return {"val_loss": loss_sum / max(float(inside.sum()), 1.0), "dice": float(scores["dice"]), "iou": float(scores["iou"])}
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    atomic.write_text(path, pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(index=False, float_format="%.6g"))
-
-
 def fit_patch_classifier(
     *,
     model: ModelParams,
@@ -131,13 +125,13 @@ def fit_patch_classifier(
     network starts from scratch.  Writes the same model, history and metrics files
     as the U-Net trainer; the model's ``extra`` holds ``patch_size``, which predict needs.
     """
-    from vesselseg.models import build_model, count_parameters, save_model
+    from vesselseg.models import build_model, count_parameters
     from vesselseg.models.resnet_patch import load_imagenet_weights
     from vesselseg.training import checkpoint as ckpt
     from vesselseg.training.batches import PatchBatches
     from vesselseg.device import resolve_device, set_threads
-    from vesselseg.training.distributed import barrier, broadcast_flag, init_world
-    from vesselseg.training.loop import Trainer, seed_everything
+    from vesselseg.training.distributed import init_world
+    from vesselseg.training.loop import Trainer, run_epochs, seed_everything
 
     if model.name != "resnet_patch":
         raise ParamsError(f"model.name: the patch classifier trains 'resnet_patch', got {model.name!r}")
@@ -181,62 +175,19 @@ def fit_patch_classifier(
         log.info("resuming from %s at epoch %d", checkpoint_path, trainer.start_epoch)
     log.info("training resnet_patch (%d params, %dx%d patches) on %s, %d threads: %d train / %d val patches",
              n_params, size, size, device, threads, len(tr_images), len(va_images))
-    deadline = t0 + train.max_minutes * 60 if train.max_minutes else math.inf
-    epoch = trainer.start_epoch - 1
-    stopped_early = False
-    for epoch in range(trainer.start_epoch, train.epochs + 1):
-        e0 = time.monotonic()
-        lr = trainer.current_lr()
-        train_loss = trainer.train_epoch(batches, epoch)
-        if trainer.scheduler is not None and not trainer.batch_scheduler:
-            trainer.scheduler.step()
-        stop = False
-        if world.is_main:
-            v = _validate(trainer, va_images, va_labels, va_fov, batch_size=train.batch_size,
-                          threshold=train.val_threshold)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": v["val_loss"], "val_dice": v["dice"],
-                   "val_iou": v["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
-            trainer.history.append(row)
-            score = v[train.select_metric]
-            if score > trainer.best_score:
-                trainer.best_score, trainer.best_epoch = score, epoch
-                trainer.best_state = {k: t.detach().to("cpu", copy=True) for k, t in trainer.raw_model.state_dict().items()}
-            _write_history(history_path, trainer.history)
-            ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fp))
-            if logger is not None:
-                logger.log_metrics({k: float(x) for k, x in row.items() if k != "epoch"}, step=epoch)
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  centre-pixel val_dice %.4f  %.1fs",
-                     epoch, train.epochs, train_loss, v["val_loss"], v["dice"], row["seconds"])
-            if epoch - trainer.best_epoch >= train.patience:
-                log.info("early stopping: no better validation %s for %d epochs", train.select_metric, train.patience)
-                stop = stopped_early = True
-            elif time.monotonic() > deadline:
-                log.warning("train.max_minutes=%s reached: stopping after epoch %d", train.max_minutes, epoch)
-                stop = True
-        if broadcast_flag(stop, world):
-            break
-    barrier(world)
-    best = next((h for h in trainer.history if h["epoch"] == trainer.best_epoch), {})
-    metrics = {
-        "best_epoch": trainer.best_epoch,
-        f"best_val_{train.select_metric}": round(float(trainer.best_score), 6),
-        "best_val_dice": round(float(best.get("val_dice", 0.0)), 6),
-        "epochs_run": epoch,
-        "n_params": n_params,
-        "patch_size": size,
-        "stopped_early": stopped_early,
-        "train_seconds": round(time.monotonic() - t0, 1),
-    }
-    if world.is_main:
-        if trainer.best_state is None:
-            raise DataError(f"{checkpoint_path}: no epoch produced a model (train.epochs={train.epochs})")
-        trainer.raw_model.load_state_dict(trainer.best_state)
-        save_model(model_path, trainer.raw_model, config,
-                   extra={**(model_extra or {}), "patch_size": size, "epoch": trainer.best_epoch,
-                          "val_score": round(float(trainer.best_score), 6), "target": "centre_pixel"})
-        atomic.write_json(metrics_path, metrics)
-        Path(checkpoint_path).unlink(missing_ok=True)
-    return metrics
+
+    def validate(epoch: int) -> dict[str, float]:
+        v = _validate(trainer, va_images, va_labels, va_fov, batch_size=train.batch_size,
+                      threshold=train.val_threshold)
+        return {"loss": v["val_loss"], "dice": v["dice"], "iou": v["iou"]}
+
+    return run_epochs(
+        trainer, batches, validate, params=train, fingerprint=fp, t0=t0, model_config=config, n_params=n_params,
+        model_path=model_path, checkpoint_path=checkpoint_path, history_path=history_path,
+        metrics_path=metrics_path, logger=logger,
+        model_extra={**(model_extra or {}), "patch_size": size, "target": "centre_pixel"},
+        extra_metrics={"patch_size": size},
+    )
 
 
 @torch.inference_mode()

@@ -42,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Checks, header, median, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vesselseg import scratch  # noqa: E402
 TOTAL_TARGET_S = 600.0
 NOOP_TARGET_S = 5.0
 STAGES = ("download", "prepare", "patches", "train", "predict", "evaluate")
@@ -55,37 +58,6 @@ def tiny_overrides() -> dict[str, Any]:
     from tests.test_pipeline_e2e import TINY
 
     return TINY
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res.stdout + res.stderr
-
-
-def make_scratch(repo: Path, params: dict[str, Any], env: dict[str, str]) -> None:
-    repo.mkdir(parents=True)
-    for name in ("dvc.yaml", "stages", "src", "pyproject.toml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, repo / name)
-    shutil.copy2(ROOT / ".gitignore", repo / ".gitignore")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    run(["dvc", "config", "core.analytics", "false"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
 
 
 def timed_repro(repo: Path, env: dict[str, str], timeout: float) -> tuple[float, dict[str, float], dict[str, float], str]:
@@ -139,15 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     params = yaml.safe_load(args.params.read_text())
     if args.quick:
-        params = merge(params, tiny_overrides())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "GIT_AUTHOR_NAME": "bench",
-           "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
-    for var in ("MLFLOW_TRACKING_URI", "VESSELSEG_TRACKING", "VESSELSEG_THREADS"):
-        env.pop(var, None)
-    if args.threads is not None:
-        env["VESSELSEG_THREADS"] = str(args.threads)
-    dvc_version = run(["dvc", "--version"], ROOT, env).strip()
+        params = scratch.merge(params, tiny_overrides())
+    env = scratch.scratch_env(threads=args.threads)
+    if args.threads is None:
+        env.pop("VESSELSEG_THREADS", None)
+    dvc_version = scratch.run(["dvc", "--version"], ROOT, env).strip()
     header(
         "the default dvc repro" + (" (--quick: the e2e test's tiny config)" if args.quick else ""),
         params=f"{args.params}" + (" + tests/test_pipeline_e2e.py TINY" if args.quick else ""),
@@ -159,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     repo = tmp / "project"
     try:
-        make_scratch(repo, params, env)
+        # the full params as they will run (overrides already merged above)
+        scratch.make_project(repo, params, root=ROOT, env=env)
         print(f"scratch repository: {repo}\n\ndvc repro:", flush=True)
         total, wall, inproc, out = timed_repro(repo, env, args.timeout)
         missing = [s for s in STAGES if s not in wall]
         noop_times, noop_ran = [], False
         for _ in range(args.noop_repeats):
             t0 = time.perf_counter()
-            again = run(["dvc", "repro"], repo, env)
+            again = scratch.run(["dvc", "repro"], repo, env)
             noop_times.append(time.perf_counter() - t0)
             noop_ran = noop_ran or bool(_RUNNING.search(again))
     finally:

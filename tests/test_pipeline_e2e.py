@@ -32,9 +32,9 @@ TINY = {
 }
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], stdout_only: bool = False) -> str:
     try:
-        return scratch.run(cmd, cwd, env)
+        return scratch.run(cmd, cwd, env, stdout_only=stdout_only)
     except RuntimeError as err:
         pytest.fail(str(err))
 
@@ -84,9 +84,9 @@ def test_exp_run_lr_reruns_only_train_predict_evaluate(repo: tuple[Path, dict[st
     assert ran == {"train", "predict", "evaluate"}, out[-2000:]
     show = _run(["dvc", "exp", "show", "--md"], root, env)
     assert "lr-high" in show and "test.dice" in show
-    diff = _run(["dvc", "metrics", "diff", "--all", "--json"], root, env)
+    diff = _run(["dvc", "metrics", "diff", "--all", "--json"], root, env, stdout_only=True)
     assert "reports/metrics.json" in json.loads(diff)
-    plots = _run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env)
+    plots = _run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env, stdout_only=True)
     text = plots.lower()
     assert "history.csv" in text and "roc.csv" in text
 
@@ -108,7 +108,7 @@ def test_report_against_the_first_commit(repo: tuple[Path, dict[str, str]], tmp_
 
     root, env = repo
     base = _run(["git", "rev-parse", "HEAD"], root, env).strip()
-    old = json.loads(_run(["git", "show", f"{base}:reports/metrics.json"], root, env))
+    old = json.loads(_run(["git", "show", f"{base}:reports/metrics.json"], root, env, stdout_only=True))
     _run(["git", "add", "-A"], root, env)  # the workspace holds the lr=0.003 experiment's results
     _run(["git", "commit", "-qm", "lr 0.003"], root, env)
     new = json.loads((root / "reports/metrics.json").read_text())

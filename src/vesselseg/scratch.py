@@ -40,12 +40,16 @@ def scratch_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run a command; on failure raise with the end of its output."""
+def run(cmd: list[str], cwd: Path, env: dict[str, str], *, stdout_only: bool = False) -> str:
+    """Run a command; on failure raise with the end of its output.
+
+    Returns stdout and stderr together (DVC prints progress on both), or stdout
+    alone for machine-readable output (``--json``).
+    """
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res.stdout + res.stderr
+    return res.stdout if stdout_only else res.stdout + res.stderr
 
 
 def make_project(dest: Path, overrides: dict[str, Any], *, root: Path, env: dict[str, str]) -> Path:

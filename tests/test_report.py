@@ -235,7 +235,7 @@ def test_cli_report_prints_markdown(repo: dict[str, Any], tmp_path: Path) -> Non
         ["--base", repo["first"], "--out", str(out), "--repo", str(repo["root"]), "--uri", f"sqlite:///{tmp_path}/x.db"],
     )
     assert res.exit_code == 0, res.output
-    assert res.output.strip() == (out / "report.md").read_text().strip()
+    assert res.stdout.strip() == (out / "report.md").read_text().strip()  # logs go to stderr
     res = CliRunner().invoke(report_cmd, ["--base", "no-such-rev", "--out", str(out), "--repo", str(repo["root"])])
     assert res.exit_code != 0 and "no-such-rev" in str(res.exception)
 

@@ -18,8 +18,8 @@ fi
 stamp=".venv/.vesselseg-$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)-${extras/,/-}"
 if [ ! -f "$stamp" ]; then
   # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q -c requirements/constraints.txt "torch==2.13.0"
-  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[${extras}]"
+  .venv/bin/python -m pip install -qq -c requirements/constraints.txt "torch==2.13.0"
+  .venv/bin/python -m pip install -qq -c requirements/constraints.txt -e ".[${extras}]"
   rm -f .venv/.vesselseg-*
   touch "$stamp"
 fi

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from vesselseg import atomic, io
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.device import amp_dtype, resolve_device
+from vesselseg.inference.predict import foreground_probability
 from vesselseg.inference.sliding_window import sliding_window_inference, validate_args
 from vesselseg.layout import PreparedDataset
 
@@ -99,12 +100,7 @@ def _probability_predictor(model: torch.nn.Module, device: torch.device, amp: bo
         ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
             logits = model(x)
-        logits = logits.float()
-        if logits.shape[1] == 1:
-            return torch.sigmoid(logits)
-        if logits.shape[1] == 2:
-            return torch.softmax(logits, dim=1)[:, 1:2]
-        raise ValueError(f"model must output 1 (sigmoid) or 2 (softmax) channels, got {logits.shape[1]}")
+        return foreground_probability(logits)
 
     return depth_as_channels(net)
 

@@ -62,14 +62,19 @@ def _probability_predictor(model: torch.nn.Module, device: torch.device, amp: bo
         ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
             logits = net(x)
-        logits = logits.float()
-        if logits.shape[1] == 1:
-            return torch.sigmoid(logits)
-        if logits.shape[1] == 2:
-            return torch.softmax(logits, dim=1)[:, 1:2]
-        raise ValueError(f"model must output 1 (sigmoid) or 2 (softmax) channels, got {logits.shape[1]}")
+        return foreground_probability(logits)
 
     return predict
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """float32 foreground probability (B, 1, h, w): sigmoid of one output, softmax[1] of two."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    if logits.shape[1] == 2:
+        return torch.softmax(logits, dim=1)[:, 1:2]
+    raise ValueError(f"model must output 1 (sigmoid) or 2 (softmax) channels, got {logits.shape[1]}")
 
 
 @contextlib.contextmanager

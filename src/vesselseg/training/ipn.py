@@ -48,9 +48,7 @@ from vesselseg.inference.ipn_predict import VOLUMES_DIR, load_prepared_volume, p
 from vesselseg.layout import PreparedDataset
 from vesselseg.params import ModelParams, TrainParams
 from vesselseg.training import checkpoint as ckpt
-from vesselseg.device import resolve_device, set_threads
-from vesselseg.training.distributed import init_world
-from vesselseg.training.loop import EpochLogger, Trainer, run_epochs, seed_everything
+from vesselseg.training.loop import EpochLogger, Trainer, run_epochs, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +283,7 @@ def fit_ipn(
                               f"({small.label.shape[0]}x{small.label.shape[1]} en-face)")
     model_config = {**model.network_config(), "depth": depth}
 
-    device = resolve_device(train.device)
-    threads = set_threads(train.threads)
-    world = init_world(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.backends.cudnn.benchmark = True
-    seed_everything(seed)
+    device, threads, world = setup_runtime(train, seed)
     batches = VolumeBlocks(
         tr_items, block=model.ipn.block, batch_size=train.batch_size, flip=train.flip, rotate90=train.rotate90,
         seed=seed, blocks_per_volume=blocks_per_volume, rank=world.rank, world=world.size,

@@ -45,6 +45,18 @@ class EpochLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
+def setup_runtime(params: TrainParams, seed: int) -> tuple[torch.device, int, World]:
+    """Device, threads, process group and seeds: the first step of every trainer."""
+    device = resolve_device(params.device)
+    threads = set_threads(params.threads)
+    world = init_world(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: autotuning pays off
+    seed_everything(seed)
+    return device, threads, world
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -80,13 +92,6 @@ def center_crop_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if dh < 0 or dw < 0:
         raise ValueError(f"network output {tuple(like.shape[-2:])} is larger than its target {tuple(t.shape[-2:])}")
     return t[..., dh // 2 : dh // 2 + like.shape[-2], dw // 2 : dw // 2 + like.shape[-1]]
-
-
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Foreground probability for one sigmoid output or two softmax classes."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0])
-    return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
 class Trainer:
@@ -294,13 +299,7 @@ def fit(
     from vesselseg.models import build_model, count_parameters
 
     t0 = time.monotonic()
-    device = resolve_device(params.device)
-    threads = set_threads(params.threads)
-    world = init_world(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.backends.cudnn.benchmark = True
-    seed_everything(seed)
+    device, threads, world = setup_runtime(params, seed)
     tr_images, tr_labels, tr_fov = load_patches(patch_dir, "train")
     va_images, va_labels, va_fov = load_patches(patch_dir, "val")
     channels = 1 if tr_images.ndim == 3 else tr_images.shape[-1]

@@ -129,21 +129,14 @@ def fit_patch_classifier(
     from vesselseg.models.resnet_patch import load_imagenet_weights
     from vesselseg.training import checkpoint as ckpt
     from vesselseg.training.batches import PatchBatches
-    from vesselseg.device import resolve_device, set_threads
-    from vesselseg.training.distributed import init_world
-    from vesselseg.training.loop import Trainer, run_epochs, seed_everything
+    from vesselseg.training.loop import Trainer, run_epochs, setup_runtime
 
     if model.name != "resnet_patch":
         raise ParamsError(f"model.name: the patch classifier trains 'resnet_patch', got {model.name!r}")
     if train.loss != "bce":
         raise ParamsError(f"train.loss: the patch classifier has one logit per patch and needs 'bce', got {train.loss!r}")
     t0 = time.monotonic()
-    device = resolve_device(train.device)
-    threads = set_threads(train.threads)
-    world = init_world(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-    seed_everything(seed)
+    device, threads, world = setup_runtime(train, seed)
     tr_images, tr_labels, tr_fov = load_patches(patch_dir, "train")
     va_images, va_labels, va_fov = load_patches(patch_dir, "val")
     size = int(tr_images.shape[1])

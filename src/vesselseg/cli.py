@@ -73,6 +73,9 @@ def _tracked(stage: str, params: Params) -> Iterator[Any]:
     """An MLflow run for this stage (see vesselseg.tracking); a no-op logger if disabled."""
     from vesselseg.tracking import RunLogger
 
+    if int(os.environ.get("RANK", "0")) > 0:
+        # under torchrun only rank 0 logs: the other ranks get a disabled logger
+        os.environ["VESSELSEG_TRACKING"] = "0"
     with RunLogger(stage=stage, experiment=params.tracking.experiment, params=params.flat()) as run:
         yield run
 

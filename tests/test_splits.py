@@ -45,3 +45,18 @@ def test_groups_never_straddle_splits() -> None:
         for i in ids:
             where.setdefault(i.split("_")[0], set()).add(split)
     assert all(len(v) == 1 for v in where.values())
+
+
+def test_rescale_halves_image_label_and_fov_together() -> None:
+    import numpy as np
+
+    from vesselseg.prepare import rescale
+
+    image = np.arange(64 * 48, dtype=np.uint32).reshape(64, 48).astype(np.uint8)
+    label = np.zeros((64, 48), dtype=bool)
+    label[10:14, :] = True  # a 4-px vessel becomes 2 px at half resolution
+    fov = np.ones((64, 48), dtype=bool)
+    im, lb, fv = rescale(image, label, fov, 0.5)
+    assert im.shape == lb.shape == fv.shape == (32, 24)
+    assert lb.dtype == bool and lb[5:7].all() and lb.sum() == 2 * 24
+    assert fv.all()

@@ -92,6 +92,7 @@ class PrepareParams(_Section):
     clahe_clip: float = Field(2.0, gt=0)
     clahe_tile: int = Field(8, ge=1)
     gamma: float = Field(1.0, gt=0)
+    scale: float = Field(1.0, gt=0.0, le=4.0)
     volumes: bool = False
     volume_depth: int = Field(64, ge=2)
 

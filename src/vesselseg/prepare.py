@@ -69,6 +69,24 @@ def assign_splits(
     return {split: sorted(ids) for split, ids in out.items()}
 
 
+def rescale(image: np.ndarray, label: np.ndarray, fov: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+    """Resize image, label and FOV together (``prepare.scale``; HRF at half resolution is 0.5).
+
+    The image is area-averaged; label and FOV are area-averaged too and kept where
+    at least half the source pixels were set, which keeps thin vessels connected
+    better than nearest-neighbour sampling.  Evaluation then runs at this resolution.
+    """
+    import cv2
+
+    h, w = label.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    image = cv2.resize(image, size, interpolation=interp)
+    label = cv2.resize(label.astype(np.float32), size, interpolation=interp) >= 0.5
+    fov = cv2.resize(fov.astype(np.float32), size, interpolation=interp) >= 0.5
+    return image, label, fov
+
+
 def prepare_image(sample: RawSample, prepare: PrepareParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Load one subject and apply projection, channel choice and equalization."""
     from vesselseg.preprocess.equalize import equalize, select_channel, to_uint8_projection
@@ -86,6 +104,8 @@ def prepare_image(sample: RawSample, prepare: PrepareParams) -> tuple[np.ndarray
     fov = io.read_mask(sample.fov, shape, "FOV mask") if sample.fov is not None else np.ones(shape, dtype=bool)
     if not fov.any():
         raise DataError(f"{sample.fov}: FOV mask is empty")
+    if prepare.scale != 1.0:
+        image, label, fov = rescale(image, label, fov, prepare.scale)
     image = equalize(
         image, method=prepare.equalize, clahe_clip=prepare.clahe_clip, clahe_tile=prepare.clahe_tile,
         gamma=prepare.gamma, mask=fov,

@@ -6,8 +6,10 @@ base 16 / batch norm / no dropout in eval mode, overlap 0.5, window batch 16):
   (a) max |ours - MONAI| <= 1e-5 where both place the same windows
   (b) time ours / MONAI <= 1.0
   (c) time ours / bare forward passes over the same pre-extracted windows <= 1.10
-  (d) default predict.window/overlap: time <= 1.5x one whole-image forward pass
-      (and, with --model and --prepared, test Dice within 0.002 of a small stride)
+  (d) default predict.window/overlap (read from params.yaml): time <= 1.5x one
+      whole-image forward pass (and, with --model and --prepared, test Dice within
+      0.002 of a small stride); a window side longer than the image spans it whole,
+      as in the predict stage
   (e) peak RSS predicting an HRF-size image (fresh subprocess each), ours <= MONAI
 
 Why (a) uses crops: MONAI steps by int(window * (1 - overlap)) and pulls only its
@@ -20,7 +22,7 @@ shown too, for information.
 Usage::
 
     python benchmarks/bench_stitching.py                 # full run, a few minutes
-    python benchmarks/bench_stitching.py --quick         # DRIVE/OCTA only, 2 repeats
+    python benchmarks/bench_stitching.py --quick         # DRIVE/OCTA only, no memory test
     python benchmarks/bench_stitching.py --model models/model.pt --prepared data/prepared
 """
 
@@ -41,7 +43,9 @@ import click
 import numpy as np
 import torch
 
-from vesselseg.inference.sliding_window import compute_starts, sliding_window_inference
+import yaml
+
+from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference
 
 log = logging.getLogger("bench_stitching")
 
@@ -50,7 +54,14 @@ WINDOWS = (64, 128)
 WEIGHTINGS = ("constant", "gaussian")
 OVERLAP = 0.5
 BATCH = 16
-CANDIDATES = [(64, 0.5), (96, 0.5), (128, 0.5), (96, 0.25), (128, 0.25), (128, 0.1), (256, 0.25)]
+CANDIDATES = [(64, 0.5), (96, 0.5), (128, 0.5), (96, 0.25), (128, 0.25), (128, 0.1), (256, 0.25), (1024, 0.125)]
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def default_predict() -> tuple[int, float]:
+    """predict.window and predict.overlap as the pipeline would use them (one source of truth)."""
+    pred = yaml.safe_load(PARAMS.read_text())["predict"]
+    return (pred["window"] or 10**6, float(pred["overlap"]))
 TARGETS = {"a": 1e-5, "b": 1.0, "c": 1.10, "d": 1.5}
 
 
@@ -134,7 +145,7 @@ def bench_stitch_only(sizes: dict[str, tuple[int, int]], repeats: int) -> list[d
                     with torch.inference_mode():
                         t_m.append(timed(lambda: monai_swi()(x, window, BATCH, _identity, overlap=OVERLAP, mode=weighting))[0])
                 row = {"image": name, "window": window, "weighting": weighting, "ours_s": statistics.median(t_o), "monai_s": statistics.median(t_m)}
-                row["b"] = row["ours_s"] / row["monai_s"]
+                row["b"] = statistics.median(o / m for o, m in zip(t_o, t_m))  # per-round ratios, as below
                 rows.append(row)
                 log.info("stitch only %s", row)
     return rows
@@ -181,14 +192,16 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                     "bare_s": statistics.median(t_bare), "diff_aligned": diff_aligned, "aligned_crop": f"{ch}x{cw}",
                     "diff_full": diff_full,
                 }
-                row["b"] = row["ours_s"] / row["monai_s"]
-                row["c"] = row["ours_s"] / row["bare_s"]
+                # Ratios per round (the three ran back to back), then their median: a
+                # load spike hits one round, not one side of every comparison.
+                row["b"] = statistics.median(o / m for o, m in zip(t_ours, t_monai))
+                row["c"] = statistics.median(o / b for o, b in zip(t_ours, t_bare))
                 rows.append(row)
                 log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     return rows
 
 
-def bench_defaults(model: torch.nn.Module, repeats: int) -> list[dict]:
+def bench_defaults(model: torch.nn.Module, repeats: int, candidates: list[tuple[int, float]]) -> list[dict]:
     """(d): each candidate's time against one whole-image forward pass, timed back to
     back in every repeat so that load drift on a shared machine hits both alike."""
     rows = []
@@ -202,20 +215,21 @@ def bench_defaults(model: torch.nn.Module, repeats: int) -> list[dict]:
                 return model(x)
 
         whole()  # warm-up
-        for window, overlap in CANDIDATES:
+        for window, overlap in candidates:
+            wh, ww = fit_window(window, h, w)  # as the predict stage does
             t_w, t_c = [], []
             for _ in range(repeats):
                 t_w.append(timed(whole)[0])
-                t_c.append(timed(lambda: run_ours(model, x, window, overlap, "gaussian"))[0])
+                t_c.append(timed(lambda: run_ours(model, x, (wh, ww), overlap, "gaussian"))[0])
             t, t_whole = statistics.median(t_c), statistics.median(t_w)
-            n = len(compute_starts(h, window, overlap)) * len(compute_starts(w, window, overlap))
+            n = len(compute_starts(h, wh, overlap)) * len(compute_starts(w, ww, overlap))
             rows.append({"image": name, "window": window, "overlap": overlap, "windows": n,
-                         "pixels_x": n * window * window / (h * w), "seconds": t, "whole_s": t_whole, "ratio": t / t_whole})
+                         "pixels_x": n * wh * ww / (h * w), "seconds": t, "whole_s": t_whole, "ratio": t / t_whole})
             log.info("(d) %s window %d overlap %.2f: %.3f s, %.2fx whole image", name, window, overlap, t, t / t_whole)
     return rows
 
 
-def dice_candidates(model_path: Path, prepared: Path, n_images: int) -> list[dict]:
+def dice_candidates(model_path: Path, prepared: Path, n_images: int, candidates: list[tuple[int, float]]) -> list[dict]:
     """(d, Dice part): test Dice over FOV pixels for each candidate vs a small stride."""
     from vesselseg.inference.predict import predict_image
     from vesselseg.layout import PreparedDataset
@@ -224,8 +238,7 @@ def dice_candidates(model_path: Path, prepared: Path, n_images: int) -> list[dic
     model, _ = load_model(model_path)
     ds = PreparedDataset(prepared)
     items = [ds.load(i) for i in ds.ids("test")[:n_images]]
-    min_side = min(min(it.image.shape[:2]) for it in items)
-    configs = [(64, 0.75)] + [c for c in CANDIDATES if c[0] <= min_side]
+    configs = [(64, 0.75)] + candidates
     rows = []
     for window, overlap in configs:
         tp = fp = fn = 0
@@ -283,14 +296,14 @@ def verdict(ok: bool) -> str:
 
 
 def report(rows: list[dict], stitch: list[dict], dflt: list[dict], dice: list[dict], mem: list[dict], default: tuple[int, float]) -> bool:
-    print("\n(a)-(c) U-Net, window batch 16, overlap 0.5; times are medians (s)")
+    print("\n(a)-(c) U-Net, window batch 16, overlap 0.5; times are medians (s), ratios medians of per-round ratios")
     print(f"{'image':9} {'window':>6} {'weight':>8} {'#win':>6} {'rep':>3} {'ours':>8} {'MONAI':>8} {'bare':>8} "
           f"{'ours/MONAI':>10} {'ours/bare':>9} {'|diff| same windows':>22} {'|diff| full size':>16}")
     for r in rows:
         print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['windows']:>6} {r['repeats']:>3} {r['ours_s']:>8.3f} "
               f"{r['monai_s']:>8.3f} {r['bare_s']:>8.3f} {r['b']:>10.3f} {r['c']:>9.3f} "
               f"{r['diff_aligned']:>9.2e} ({r['aligned_crop']:>9}) {r['diff_full']:>16.2e}")
-    print("\nstitching only (identity predictor: cutting, weighting, adding, dividing), medians (s)")
+    print("\nstitching only (identity predictor: cutting, weighting, adding, dividing), medians (s), ratio median of per-round ratios")
     print(f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10} {'ours as % of bare U-Net':>24}")
     bare = {(r["image"], r["window"], r["weighting"]): r["bare_s"] for r in rows}
     for r in stitch:
@@ -346,20 +359,20 @@ def report(rows: list[dict], stitch: list[dict], dflt: list[dict], dice: list[di
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="DRIVE and OCTA sizes only, 2 repeats, no memory test.")
-@click.option("--repeats", default=2, show_default=True, help="Repeats of the U-Net runs (DRIVE/OCTA sizes).")
+@click.option("--quick", is_flag=True, help="DRIVE and OCTA sizes only, no memory test.")
+@click.option("--repeats", default=5, show_default=True, help="Repeats of the U-Net runs (DRIVE/OCTA sizes).")
 @click.option("--stitch-repeats", default=5, show_default=True, help="Repeats of the stitching-only runs.")
 @click.option("--hrf-unet", is_flag=True, help="Also time the U-Net at HRF size (minutes per run on 2 cores).")
 @click.option("--threads", default=2, show_default=True)
-@click.option("--default-window", default=128, show_default=True, help="predict.window judged by target (d).")
-@click.option("--default-overlap", default=0.25, show_default=True, help="predict.overlap judged by target (d).")
+@click.option("--default-window", type=int, default=None, help="predict.window judged by target (d) [params.yaml].")
+@click.option("--default-overlap", type=float, default=None, help="predict.overlap judged by target (d) [params.yaml].")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Trained model for the Dice part of (d).")
 @click.option("--prepared", type=click.Path(path_type=Path), default=None, help="Prepared folder for the Dice part of (d).")
 @click.option("--dice-images", default=5, show_default=True)
 @click.option("--memory-child", type=click.Choice(["ours", "monai"]), default=None, hidden=True)
 @click.option("--memory-window", default=128, hidden=True)
 @click.option("--memory-weighting", default="gaussian", hidden=True)
-def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads: int, default_window: int, default_overlap: float,
+def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads: int, default_window: int | None, default_overlap: float | None,
          model_path: Path | None, prepared: Path | None, dice_images: int, memory_child: str | None, memory_window: int,
          memory_weighting: str) -> None:
     if memory_child:
@@ -374,12 +387,15 @@ def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads
     stitch_sizes = {k: v for k, v in SIZES.items() if k != "HRF" or not quick}
     reps = {k: (1 if k == "HRF" else repeats) for k in unet_sizes}
     log.info("torch %s, threads %d, U-Net sizes %s, repeats %s", torch.__version__, torch.get_num_threads(), unet_sizes, reps)
-    stitch = bench_stitch_only(stitch_sizes, 2 if quick else stitch_repeats)
+    stitch = bench_stitch_only(stitch_sizes, stitch_repeats)
     rows = bench_matrix(model, unet_sizes, reps)
-    dflt = bench_defaults(model, 2)
-    dice = dice_candidates(model_path, prepared, dice_images) if model_path and prepared else []
+    p_window, p_overlap = default_predict()
+    default = (default_window or p_window, p_overlap if default_overlap is None else default_overlap)
+    candidates = CANDIDATES + ([default] if default not in CANDIDATES else [])
+    dflt = bench_defaults(model, 2, candidates)
+    dice = dice_candidates(model_path, prepared, dice_images, candidates) if model_path and prepared else []
     mem = [] if quick else bench_memory(128, "gaussian", threads)
-    ok = report(rows, stitch, dflt, dice, mem, (default_window, default_overlap))
+    ok = report(rows, stitch, dflt, dice, mem, default)
     sys.exit(0 if ok else 1)
 
 

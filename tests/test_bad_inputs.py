@@ -336,8 +336,9 @@ CASES: list[Case] = [
     Case("prepared-image-missing", "patches", _chain(PREPARED, _rm("prepared/images/tr1.png")),
          ("prepared/images/tr1.png", "not found")),
     # --- model files (predict) ---
-    Case("image-smaller-than-window", "predict", MODEL, ("prepared/images/va0.png", "predict.window"),
-         params={"predict.window": 64}),
+    Case("prepared-image-unreadable", "predict",
+         _chain(MODEL, lambda r: (r / "prepared/images/va0.png").write_bytes(b"not a png")),
+         ("prepared/images/va0.png", "not a readable image")),
     Case("checkpoint-other-architecture", "predict",
          _chain(PREPARED, lambda r: model_file(r, UNET, {**UNET, "depth": 2})),
          ("models/model.pt", "weights do not match")),

@@ -142,3 +142,33 @@ def test_spec_rejects_malformed_pins_and_names() -> None:
         DownloadSpec(url="http://x/y", sha256="abc", filename="y")
     with pytest.raises(ValueError):
         DownloadSpec(url="http://x/y", sha256=None, filename="../y")
+    with pytest.raises(ValueError, match="md5"):
+        DownloadSpec(url="http://x/y", sha256=None, filename="y", md5="xyz")
+
+
+def test_md5_pin_verifies_when_no_sha256_is_in_force(
+    http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some datasets' only published checksum is an md5 (CHASE_DB1): it is a real pin,
+    a wrong file is removed with both hashes named, and a user's sha256 wins over it."""
+    served = _serve(http_server, "CHASEDB1.zip")
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    monkeypatch.delenv(sha256_env_var(served), raising=False)
+    good = DownloadSpec(url=served.url, sha256=None, filename=served.filename, md5=md5)
+    assert download(good, tmp_path / "a", progress=False).read_bytes() == PAYLOAD
+    bad = DownloadSpec(url=served.url, sha256=None, filename=served.filename, md5="0" * 32)
+    with pytest.raises(DownloadError) as exc:
+        download(bad, tmp_path / "b", progress=False)
+    assert f"md5 {'0' * 32}" in str(exc.value) and f"md5 {md5}" in str(exc.value) and served.url in str(exc.value)
+    assert not (tmp_path / "b" / "CHASEDB1.zip").exists() and not (tmp_path / "b" / "CHASEDB1.zip.part").exists()
+    monkeypatch.setenv(sha256_env_var(served), SHA)  # the user's verified sha256 wins over a wrong md5
+    assert download(bad, tmp_path / "b", progress=False).read_bytes() == PAYLOAD
+
+
+def test_shipped_specs_pin_every_download() -> None:
+    """Every dataset the stage downloads carries a pin (sha256, or md5 where that is all there is)."""
+    from vesselseg.data.retina import ChaseAdapter, HrfAdapter, StareAdapter
+
+    for adapter in (HrfAdapter, ChaseAdapter, StareAdapter):
+        for spec in adapter.specs:
+            assert spec.sha256 is not None or spec.md5 is not None, spec

@@ -257,9 +257,10 @@ def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
             np.testing.assert_array_equal(read_mask(out / split / "masks" / f"{id_}.png", probs.shape), probs >= 0.5)
             vol = np.load(prepared / "volumes" / f"{id_}.npy")
             np.testing.assert_allclose(probs, predict_volume(model, vol, device="cpu", amp=False, **kw), atol=1e-6)
-    with pytest.raises(ParamsError, match="predict.window"):
-        run_predict_ipn(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=out, device="cpu",
-                        amp=False, threshold=0.5, **{**kw, "window": 64})
+    # a window longer than the en-face sides spans the volume whole (never padded)
+    vol = np.load(prepared / "volumes" / f"{ds.ids('test')[0]}.npy")
+    whole = predict_volume(model, vol, device="cpu", amp=False, **{**kw, "window": (WIDTH, N_BSCANS)})
+    np.testing.assert_array_equal(predict_volume(model, vol, device="cpu", amp=False, **{**kw, "window": 64}), whole)
 
 
 class _LogitOfMean(torch.nn.Module):

@@ -17,6 +17,7 @@ from vesselseg import io
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference import predict as predict_mod
 from vesselseg.inference import predict_image, resolve_device, run_predict
+from vesselseg.inference.sliding_window import fit_window
 from vesselseg.layout import write_item
 
 torch.set_num_threads(1)
@@ -81,10 +82,19 @@ def test_whole_image_window_and_eval_mode_restored() -> None:
     assert 0.0 <= probs.min() and probs.max() <= 1.0
 
 
+def test_window_longer_than_the_image_spans_it_whole() -> None:
+    """A window side longer than the image side covers that side in one window (no padding):
+    the result equals the windows of the clamped size, and a window covering both sides is
+    exactly the whole-image pass."""
+    net = _pointwise(1, 1)
+    img = _image(12, 30, 0)
+    np.testing.assert_array_equal(predict_image(net, img, **{**SW, "window": 16}), predict_image(net, img, **{**SW, "window": (12, 16)}))
+    np.testing.assert_array_equal(predict_image(net, img, **{**SW, "window": 1024}), predict_image(net, img, **{**SW, "window": None}))
+    assert fit_window(1024, 12, 30) == (12, 30) and fit_window((8, 64), 12, 30) == (8, 30) and fit_window(5, 12, 30) == (5, 5)
+
+
 def test_predict_image_errors() -> None:
     net = _pointwise(1, 1)
-    with pytest.raises(ValueError, match=r"predict\.window 16x16 .* larger than the image 12x30"):
-        predict_image(net, _image(12, 30, 0), **SW)
     with pytest.raises(ValueError, match=r"image must be uint8 \(H, W\) or \(H, W, C\), got float32"):
         predict_image(net, np.zeros((20, 20), np.float32), **SW)
     with pytest.raises(ValueError, match=r"model must output 1 \(sigmoid\) or 2 \(softmax\) channels, got 3"):
@@ -152,12 +162,13 @@ def test_run_predict_checks_every_image_before_work(tmp_path: Path, monkeypatch:
     loaded: list[Path] = []
     monkeypatch.setattr(predict_mod, "_load_model", lambda path, device: loaded.append(path))
     out = tmp_path / "pred"
-    with pytest.raises(ParamsError, match=r"c\.png: image 20x20 \(h x w\) is smaller than predict\.window 24x24"):
-        run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=out, **{**RUN, "window": 24})
     with pytest.raises(ParamsError, match=r"predict\.overlap must be >= 0 and < 1, got 1\.5"):
         run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=out, **{**RUN, "overlap": 1.5})
     with pytest.raises(ParamsError, match=r"predict\.threshold must be > 0 and < 1, got 1\.0"):
         run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=out, **{**RUN, "threshold": 1.0})
+    (prepared / "images" / "c.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"c\.png: not a readable image"):
+        run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=out, **RUN)
     assert loaded == [] and not out.exists()
 
 

@@ -5,11 +5,12 @@ behind the simplest proxies (urllib honours ``https_proxy``).  A file is first
 streamed to ``<name>.part``; it takes its final name only after its sha256 matched,
 so the final path always holds a verified file and a re-run skips the network.
 
-Publishers that give no checksum (CHASE_DB1, STARE) get ``sha256=None`` in their
-:class:`DownloadSpec`; a user pins one with the environment variable named by
-:func:`sha256_env_var` after checking the file.  An unpinned file is never used
-silently: the error prints the hash of what was fetched so it can be compared and
-pinned.
+Publishers that give no checksum get ``sha256=None`` in their :class:`DownloadSpec`
+unless a well-kept downstream project pinned one (STARE: torch-em's sha256 pins;
+CHASE_DB1: an md5 pin, the only published one, kept in ``md5``).  A user pins a
+sha256 with the environment variable named by :func:`sha256_env_var` after checking
+the file; it wins over both constants.  An unpinned file is never used silently: the
+error prints the hash of what was fetched so it can be compared and pinned.
 """
 
 from __future__ import annotations
@@ -33,19 +34,27 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
 class DownloadSpec:
-    """Where a file lives and what it must hash to (``sha256=None``: not pinned yet)."""
+    """Where a file lives and what it must hash to (``sha256=None``: not pinned yet).
+
+    ``md5`` is a weaker fallback pin, checked only when no sha256 is in force: some
+    datasets' only published checksum is an md5.
+    """
 
     url: str
     sha256: str | None
     filename: str
+    md5: str | None = None
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and not _SHA256_RE.match(self.sha256):
             raise ValueError(f"{self.filename}: sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+        if self.md5 is not None and not _MD5_RE.match(self.md5):
+            raise ValueError(f"{self.filename}: md5 must be 32 lower-case hex digits, got {self.md5!r}")
         if not self.filename or "/" in self.filename or self.filename in (".", ".."):
             raise ValueError(f"DownloadSpec.filename must be a plain file name, got {self.filename!r}")
 
@@ -66,17 +75,41 @@ def expected_sha256(spec: DownloadSpec) -> str | None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _digest(path, "sha256")
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def verify(spec: DownloadSpec, path: Path) -> tuple[bool | None, str]:
+    """Check ``path`` against the pin in force: (True/False, or None when nothing is
+    pinned; a description of the file's hash for messages)."""
+    expected = expected_sha256(spec)
+    actual = sha256_of(path)
+    if expected is not None:
+        return actual == expected, f"sha256 {actual}"
+    if spec.md5 is not None:
+        md5 = _digest(path, "md5")
+        return md5 == spec.md5, f"md5 {md5} (sha256 {actual})"
+    return None, f"sha256 {actual}"
+
+
+def _pin_text(spec: DownloadSpec, expected: str | None) -> str:
+    if expected is not None:
+        return f"sha256 {expected}"
+    if spec.md5 is not None:
+        return f"md5 {spec.md5}"
+    return f"sha256 none pinned (set {sha256_env_var(spec)})"
+
+
 def _fail(spec: DownloadSpec, final: Path, expected: str | None, what: str) -> DownloadError:
     """One message holding everything needed to finish the job by hand."""
-    pin = expected if expected is not None else f"none pinned (set {sha256_env_var(spec)})"
-    return DownloadError(f"{spec.url}: {what}; expected sha256 {pin}; you may download it manually and place it at {final}")
+    return DownloadError(f"{spec.url}: {what}; expected {_pin_text(spec, expected)}; you may download it manually and place it at {final}")
 
 
 def _unpinned(spec: DownloadSpec, final: Path, actual: str) -> DownloadError:
@@ -101,28 +134,28 @@ def download(spec: DownloadSpec, dest_dir: Path, *, timeout: float = 60.0, progr
     expected = expected_sha256(spec)
 
     if final.is_file():
-        actual = sha256_of(final)
-        if expected is None:
-            raise _unpinned(spec, final, actual)
-        if actual == expected:
+        ok, actual = verify(spec, final)
+        if ok is None:
+            raise _unpinned(spec, final, actual.removeprefix("sha256 "))
+        if ok:
             log.info("%s: already downloaded and verified", final)
             return final
         # Never delete a file the user may have placed by hand; say what to do instead.
         raise DownloadError(
-            f"{final}: sha256 {actual} does not match the expected {expected} for {spec.url}; delete or replace the file"
+            f"{final}: {actual} does not match the expected {_pin_text(spec, expected)} for {spec.url}; delete or replace the file"
         )
 
     _fetch(spec, part, final, expected, timeout=timeout, progress=progress)
-    actual = sha256_of(part)
-    if expected is not None and actual != expected:
+    ok, actual = verify(spec, part)
+    if ok is False:
         part.unlink(missing_ok=True)
         raise _fail(spec, final, expected, f"checksum mismatch (got {actual}); the bad download was removed")
     with open(part, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(part, final)
-    if expected is None:
-        raise _unpinned(spec, final, actual)
-    log.info("%s: downloaded and verified (sha256 %s)", final, actual)
+    if ok is None:
+        raise _unpinned(spec, final, actual.removeprefix("sha256 "))
+    log.info("%s: downloaded and verified (%s)", final, actual)
     return final
 
 

@@ -37,7 +37,7 @@ from vesselseg.data.adapters import (
     split_source,
     unpack_sources,
 )
-from vesselseg.data.download import DownloadSpec, download, expected_sha256, sha256_of
+from vesselseg.data.download import DownloadSpec, download, expected_sha256, sha256_of, verify
 from vesselseg.data.fov import fov_from_image
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, DownloadError
@@ -157,12 +157,12 @@ def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, 
         if not p.is_file():
             continue
         spec = by_name.get(p.name)
-        pin = expected_sha256(spec) if spec is not None else None
-        actual = sha256_of(p)
-        if pin is not None and actual != pin:
-            raise DownloadError(f"{p}: sha256 {actual} does not match the pinned {pin} of {spec.url}")  # type: ignore[union-attr]
-        if pin is None:
-            log.warning("%s: no pinned checksum to compare with; its sha256 is %s", p, actual)
+        ok, actual = verify(spec, p) if spec is not None else (None, f"sha256 {sha256_of(p)}")
+        if ok is False:
+            pin = expected_sha256(spec) or f"md5 {spec.md5}"  # type: ignore[union-attr]
+            raise DownloadError(f"{p}: {actual} does not match the pinned {pin} of {spec.url}")  # type: ignore[union-attr]
+        if ok is None:
+            log.warning("%s: no pinned checksum to compare with; its %s", p, actual)
     return paths
 
 
@@ -243,10 +243,12 @@ class ChaseAdapter:
     """CHASE_DB1 (Fraz et al. 2012): 28 images of 14 children, first observer's labels."""
 
     name = "chase_db1"
-    # Kingston's repository publishes no checksum and this project was built offline,
-    # so no pin could be computed: sha256=None makes download() refuse and print the
-    # fetched file's hash.  Fill this in once verified, or set VESSELSEG_SHA256_CHASEDB1_ZIP.
-    specs = (DownloadSpec(url="https://researchdata.kingston.ac.uk/96/1/CHASEDB1.zip", sha256=None, filename="CHASEDB1.zip"),)
+    # Kingston's repository publishes no checksum and this project was built offline, so
+    # no sha256 could be computed here.  The archive's md5 is pinned by a public
+    # downstream loader (a CHASEDB1 dataset class, `_zip_md5`), so that is the pin;
+    # VESSELSEG_SHA256_CHASEDB1_ZIP set by a user who checked the file wins over it.
+    specs = (DownloadSpec(url="https://researchdata.kingston.ac.uk/96/1/CHASEDB1.zip", sha256=None, filename="CHASEDB1.zip",
+                          md5="d9e47c4bac125b29996fae4380a68db1"),)
     layout = "CHASEDB1.zip or its extracted folder (Image_01L.jpg, Image_01L_1stHO.png, ...)"
 
     @staticmethod
@@ -293,10 +295,13 @@ class StareAdapter:
     """STARE (Hoover et al. 2000): the 20 images with Hoover's ("ah") vessel labels."""
 
     name = "stare"
-    # Clemson publishes no checksums; see ChaseAdapter.specs for why these are None.
+    # Clemson publishes no checksums; these sha256 pins are torch-em's
+    # (torch_em/data/datasets/medical/stare.py, CHECKSUM), for the same two files.
     specs = (
-        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/stare-images.tar", sha256=None, filename="stare-images.tar"),
-        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/labels-ah.tar", sha256=None, filename="labels-ah.tar"),
+        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/stare-images.tar",
+                     sha256="5f7b509b6067cad4f1be84933145d783de9ec087b3eaaf4db0103dd0144dd433", filename="stare-images.tar"),
+        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/labels-ah.tar",
+                     sha256="ebf2f1e17ca955f24579d9edd990e2dae79a5c82def69f0985d8e24f826ddd2f", filename="labels-ah.tar"),
     )
     layout = "stare-images.tar and labels-ah.tar (joined with ':') or a folder holding their files (im0001.ppm[.gz], im0001.ah.ppm[.gz])"
 

@@ -35,7 +35,7 @@ from vesselseg import atomic, io
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.device import amp_dtype, resolve_device
 from vesselseg.inference.predict import foreground_probability
-from vesselseg.inference.sliding_window import sliding_window_inference, validate_args
+from vesselseg.inference.sliding_window import fit_window, sliding_window_inference, validate_args
 from vesselseg.layout import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def predict_volume(
     """Foreground probabilities float32 (H, W) in [0, 1] for one uint8 (depth, H, W) volume.
 
     The model must already be on ``device``; it is run in eval mode and its previous
-    mode restored.  A window equal to the en-face size is one forward pass.
+    mode restored.  A window at least the en-face size is one forward pass (a longer
+    side spans the volume whole, see :func:`~vesselseg.inference.sliding_window.fit_window`).
     """
     if not isinstance(volume, np.ndarray) or volume.dtype != np.uint8 or volume.ndim != 3:
         desc = f"{volume.dtype} {volume.shape}" if isinstance(volume, np.ndarray) else type(volume).__name__
@@ -130,7 +131,7 @@ def predict_volume(
     model.eval()
     try:
         probs = sliding_window_inference(
-            x, window=window, overlap=overlap, predictor=_probability_predictor(model, dev, amp),
+            x, window=fit_window(window, x.shape[2], x.shape[3]), overlap=overlap, predictor=_probability_predictor(model, dev, amp),
             weighting=weighting, batch_size=batch_size, device=dev,
         )
     finally:
@@ -139,8 +140,8 @@ def predict_volume(
     return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
-def _check_inputs(dataset: PreparedDataset, splits: Sequence[str], win: tuple[int, int]) -> dict[str, list[str]]:
-    """Every split's ids, after checking each volume exists and fits the window (before any work)."""
+def _check_inputs(dataset: PreparedDataset, splits: Sequence[str]) -> dict[str, list[str]]:
+    """Every split's ids, after checking each volume exists and loads (before any work)."""
     ids = {split: dataset.ids(split) for split in splits}
     if any(ids.values()) and not (dataset.root / VOLUMES_DIR).is_dir():
         raise ParamsError(
@@ -150,12 +151,7 @@ def _check_inputs(dataset: PreparedDataset, splits: Sequence[str], win: tuple[in
     for split_ids in ids.values():
         for id_ in split_ids:
             path = volume_path(dataset.root, id_)
-            vol = load_prepared_volume(path)
-            if win[0] > vol.shape[1] or win[1] > vol.shape[2]:
-                raise ParamsError(
-                    f"{path}: volume en-face size {vol.shape[1]}x{vol.shape[2]} is smaller than predict.window "
-                    f"{win[0]}x{win[1]}; lower predict.window to at most {min(vol.shape[1:])}"
-                )
+            load_prepared_volume(path)  # exists and is a volume, before any work
     return ids
 
 
@@ -188,7 +184,7 @@ def run_predict_ipn(
     if not 0.0 < float(threshold) < 1.0:
         raise ParamsError(f"predict.threshold must be > 0 and < 1, got {threshold!r}")
     dataset = PreparedDataset(prepared_dir)
-    ids = _check_inputs(dataset, splits, win)
+    ids = _check_inputs(dataset, splits)
 
     if not Path(model_path).is_file():
         raise DataError(f"{model_path}: model file not found; run the train stage first")

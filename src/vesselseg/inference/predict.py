@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from vesselseg import atomic, io
 from vesselseg.device import amp_dtype, resolve_device
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.inference.sliding_window import sliding_window_inference, validate_args
+from vesselseg.inference.sliding_window import fit_window, sliding_window_inference, validate_args
 from vesselseg.layout import PreparedDataset
 from vesselseg.normalize import image_to_input
 
@@ -101,17 +101,17 @@ def predict_image(
 ) -> np.ndarray:
     """Foreground probabilities float32 (H, W) in [0, 1] for one uint8 image.
 
-    The model must already be on ``device``.  ``window=None`` (or a window equal to
+    The model must already be on ``device``.  ``window=None`` (or a window at least
     the image size) is one whole-image forward pass, the fastest choice on a CPU when
-    memory allows; a window larger than the image is an error (see
-    :mod:`vesselseg.inference.sliding_window`).
+    memory allows; a window side longer than the image side spans it whole (see
+    :func:`vesselseg.inference.sliding_window.fit_window`).
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"image must be uint8 (H, W) or (H, W, C), got {desc}")
     dev = torch.device(device)
-    if window is None:
-        window = (int(image.shape[0]), int(image.shape[1]))
+    height, width = int(image.shape[0]), int(image.shape[1])
+    window = (height, width) if window is None else fit_window(window, height, width)
     x = torch.from_numpy(image_to_input(image))[None]
     if dev.type == "cuda":
         x = x.pin_memory()
@@ -162,9 +162,10 @@ def run_predict(
 ) -> dict[str, Any]:
     """Predict every image of ``splits`` and write probability maps and masks.
 
-    All params and every image size are checked before the model is loaded, so a
-    window that does not fit fails in a second, naming the file and ``predict.window``.
-    ``window=None`` predicts each whole image in one forward pass.
+    All params and every image are checked before the model is loaded, so a bad
+    param or an unreadable file fails in a second, naming the file or the key.
+    ``window=None`` predicts each whole image in one forward pass; a window side longer
+    than an image side spans that side whole.
 
     Returns timing stats: ``{"device", "amp_dtype", "n_images", "seconds_total",
     "seconds_per_image", "seconds_per_image_median", "splits": {split: {...}}}``, where
@@ -180,13 +181,7 @@ def run_predict(
     ids = {split: dataset.ids(split) for split in splits}
     for split, split_ids in ids.items():
         for id_ in split_ids:
-            img_path = dataset.paths(id_)[0]
-            height, width = _image_size(img_path)
-            if window is not None and (win[0] > height or win[1] > width):
-                raise ParamsError(
-                    f"{img_path}: image {height}x{width} (h x w) is smaller than predict.window "
-                    f"{win[0]}x{win[1]}; lower predict.window to at most {min(height, width)}"
-                )
+            _image_size(dataset.paths(id_)[0])  # readable, with a header, before any work
 
     dev = resolve_device(device)
     model, meta = _load_model(Path(model_path), dev)

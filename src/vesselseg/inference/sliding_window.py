@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTINGS", "compute_starts", "importance_map", "sliding_window_inference", "validate_args"]
+__all__ = ["WEIGHTINGS", "compute_starts", "fit_window", "importance_map", "sliding_window_inference", "validate_args"]
 
 WEIGHTINGS = ("constant", "gaussian")
 
@@ -77,6 +77,20 @@ def validate_args(
     if not isinstance(sigma_scale, (int, float)) or not float(sigma_scale) > 0.0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
     return win
+
+
+def fit_window(window: int | tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """Shrink each window side that is longer than the image to the image side.
+
+    Used by the predict stage (not by :func:`sliding_window_inference`, which stays
+    strict like a library function should): a fully convolutional net takes any size,
+    so a side that does not fit is covered by one window spanning it whole, without
+    padding.  This is what lets ``predict.window`` default to a large value: images
+    smaller than it (DRIVE, OCTA, the synthetic set) are one whole-image forward pass,
+    the CPU's lower bound, and only large ones (HRF) are tiled, with bounded memory.
+    """
+    wh, ww = _pair(window)
+    return (min(wh, int(height)), min(ww, int(width)))
 
 
 def compute_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -181,9 +195,10 @@ def sliding_window_inference(
     # One transfer of the whole input (a few MB even for HRF) instead of one per window.
     inputs = inputs.to(dev, non_blocking=non_blocking)
 
-    # no_grad around the bookkeeping, inference_mode around each predictor call only:
-    # the returned tensor is then an ordinary tensor the caller may modify in place
-    # (an inference tensor would refuse that outside inference mode).
+    # no_grad around the bookkeeping, inference_mode around each window batch only:
+    # the output buffers are allocated outside it, so the returned tensor is an
+    # ordinary tensor the caller may modify in place (an inference tensor would refuse
+    # that outside inference mode).
     with torch.no_grad():
         if win == (height, width):
             return _whole_image(inputs, predictor, batch_size, progress)
@@ -232,9 +247,10 @@ def _stitch(
     out: torch.Tensor | None = None
     for b0 in tqdm(range(0, len(coords), batch_size), disable=not progress, desc="window batches", leave=False):
         chunk = coords[b0 : b0 + batch_size]
-        # torch.stack of views: one copy per window, straight into the batch tensor.
-        batch = torch.stack([inputs[n, :, y : y + wh, x : x + ww] for n, y, x in chunk])
         with torch.inference_mode():
+            # torch.stack of views: one copy per window, straight into the batch tensor
+            # (an inference tensor, as the predictor's own would be under MONAI).
+            batch = torch.stack([inputs[n, :, y : y + wh, x : x + ww] for n, y, x in chunk])
             pred = predictor(batch)
         _check_output(pred, batch.shape)
         if out is None:

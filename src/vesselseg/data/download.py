@@ -99,7 +99,9 @@ def verify(spec: DownloadSpec, path: Path) -> tuple[bool | None, str]:
     return None, f"sha256 {actual}"
 
 
-def _pin_text(spec: DownloadSpec, expected: str | None) -> str:
+def pin_text(spec: DownloadSpec) -> str:
+    """The pin in force, for messages: ``sha256 <hex>``, ``md5 <hex>`` or how to set one."""
+    expected = expected_sha256(spec)
     if expected is not None:
         return f"sha256 {expected}"
     if spec.md5 is not None:
@@ -107,9 +109,9 @@ def _pin_text(spec: DownloadSpec, expected: str | None) -> str:
     return f"sha256 none pinned (set {sha256_env_var(spec)})"
 
 
-def _fail(spec: DownloadSpec, final: Path, expected: str | None, what: str) -> DownloadError:
+def _fail(spec: DownloadSpec, final: Path, what: str) -> DownloadError:
     """One message holding everything needed to finish the job by hand."""
-    return DownloadError(f"{spec.url}: {what}; expected {_pin_text(spec, expected)}; you may download it manually and place it at {final}")
+    return DownloadError(f"{spec.url}: {what}; expected {pin_text(spec)}; you may download it manually and place it at {final}")
 
 
 def _unpinned(spec: DownloadSpec, final: Path, actual: str) -> DownloadError:
@@ -131,8 +133,7 @@ def download(spec: DownloadSpec, dest_dir: Path, *, timeout: float = 60.0, progr
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / spec.filename
     part = dest_dir / (spec.filename + ".part")
-    expected = expected_sha256(spec)
-
+    expected_sha256(spec)  # a malformed pin in the environment fails before any network
     if final.is_file():
         ok, actual = verify(spec, final)
         if ok is None:
@@ -142,14 +143,14 @@ def download(spec: DownloadSpec, dest_dir: Path, *, timeout: float = 60.0, progr
             return final
         # Never delete a file the user may have placed by hand; say what to do instead.
         raise DownloadError(
-            f"{final}: {actual} does not match the expected {_pin_text(spec, expected)} for {spec.url}; delete or replace the file"
+            f"{final}: {actual} does not match the expected {pin_text(spec)} for {spec.url}; delete or replace the file"
         )
 
-    _fetch(spec, part, final, expected, timeout=timeout, progress=progress)
+    _fetch(spec, part, final, timeout=timeout, progress=progress)
     ok, actual = verify(spec, part)
     if ok is False:
         part.unlink(missing_ok=True)
-        raise _fail(spec, final, expected, f"checksum mismatch (got {actual}); the bad download was removed")
+        raise _fail(spec, final, f"checksum mismatch (got {actual}); the bad download was removed")
     with open(part, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(part, final)
@@ -159,7 +160,7 @@ def download(spec: DownloadSpec, dest_dir: Path, *, timeout: float = 60.0, progr
     return final
 
 
-def _fetch(spec: DownloadSpec, part: Path, final: Path, expected: str | None, *, timeout: float, progress: bool | None) -> None:
+def _fetch(spec: DownloadSpec, part: Path, final: Path, *, timeout: float, progress: bool | None) -> None:
     """Stream the URL into ``part``, appending when the server resumes at our offset."""
     offset = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": "vesselseg-download/1", "Accept-Encoding": "identity"}
@@ -173,10 +174,10 @@ def _fetch(spec: DownloadSpec, part: Path, final: Path, expected: str | None, *,
             # Range beyond the end: the partial file is already complete; the checksum decides.
             log.info("%s: server says the partial download is complete", part)
             return
-        raise _fail(spec, final, expected, f"HTTP error {err.code} {err.reason}") from None
+        raise _fail(spec, final, f"HTTP error {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
-        raise _fail(spec, final, expected, f"cannot connect or request failed ({reason})") from None
+        raise _fail(spec, final, f"cannot connect or request failed ({reason})") from None
 
     with response:
         status = getattr(response, "status", 200)
@@ -200,9 +201,9 @@ def _fetch(spec: DownloadSpec, part: Path, final: Path, expected: str | None, *,
                     received += len(block)
                     bar.update(len(block))
         except (OSError, http.client.HTTPException, socket.timeout) as err:
-            raise _fail(spec, final, expected, f"connection lost after {offset + received} bytes ({err}); re-run to resume") from None
+            raise _fail(spec, final, f"connection lost after {offset + received} bytes ({err}); re-run to resume") from None
     if total is not None and offset + received < total:
-        raise _fail(spec, final, expected, f"transfer ended after {offset + received} of {total} bytes; re-run to resume")
+        raise _fail(spec, final, f"transfer ended after {offset + received} of {total} bytes; re-run to resume")
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -37,7 +37,7 @@ from vesselseg.data.adapters import (
     split_source,
     unpack_sources,
 )
-from vesselseg.data.download import DownloadSpec, download, expected_sha256, sha256_of, verify
+from vesselseg.data.download import DownloadSpec, download, pin_text, sha256_of, verify
 from vesselseg.data.fov import fov_from_image
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, DownloadError
@@ -159,8 +159,7 @@ def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, 
         spec = by_name.get(p.name)
         ok, actual = verify(spec, p) if spec is not None else (None, f"sha256 {sha256_of(p)}")
         if ok is False:
-            pin = expected_sha256(spec) or f"md5 {spec.md5}"  # type: ignore[union-attr]
-            raise DownloadError(f"{p}: {actual} does not match the pinned {pin} of {spec.url}")  # type: ignore[union-attr]
+            raise DownloadError(f"{p}: {actual} does not match the pinned {pin_text(spec)} of {spec.url}")  # type: ignore[union-attr,arg-type]
         if ok is None:
             log.warning("%s: no pinned checksum to compare with; its %s", p, actual)
     return paths

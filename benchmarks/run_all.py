@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, load_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("projection", "stitching", "input_pipeline", "pipeline")  # cheap and independent first
+ORDER = ("projection", "stitching", "input_pipeline", "memory_format", "pipeline")  # cheap and independent first
 _CHECK = re.compile(r"\b(PASS|FAIL)\b")
 
 

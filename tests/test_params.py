@@ -67,3 +67,12 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_flat_keys() -> None:
     flat = Params().flat()
     assert flat["train.lr"] == 1e-3 and flat["data.synthetic.n_subjects"] == 16
+
+
+def test_schema_defaults_are_the_shipped_params_yaml() -> None:
+    """params.yaml is the one source of truth: the schema's defaults may not drift from it."""
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").flat()
+    defaults = Params().flat()
+    drift = {k: (defaults.get(k, "<absent>"), shipped.get(k, "<absent>")) for k in set(shipped) | set(defaults)
+             if defaults.get(k, "<absent>") != shipped.get(k, "<absent>")}
+    assert not drift, f"schema default != params.yaml (key: (schema, yaml)): {drift}"

@@ -139,22 +139,32 @@ def test_run_predict_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert not list(out.rglob(".tmp-*"))
 
 
-def test_run_predict_with_saved_unet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_run_predict_with_saved_unet(tmp_path: Path, channels_last: bool) -> None:
+    """The stage equals predict_image on the model in the layout predict.channels_last asks for,
+    and the two layouts agree to float rounding (NHWC convs sum in another order)."""
+    from vesselseg.device import to_channels_last
     from vesselseg.models import UNet, load_model, save_model
 
     config = {"name": "unet", "in_channels": 1, "out_channels": 1, "depth": 2, "base_channels": 4, "dropout": 0.0}
     torch.manual_seed(0)
     save_model(tmp_path / "model.pt", UNet(**{k: v for k, v in config.items() if k != "name"}), config)
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
-    run_predict(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", splits=("test",), **RUN)
+    run_predict(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", splits=("test",),
+                channels_last=channels_last, **RUN)
     assert not (tmp_path / "pred" / "val").exists()
     model, _ = load_model(tmp_path / "model.pt")
+    model_cl, _ = load_model(tmp_path / "model.pt")
+    assert to_channels_last(model_cl)
+    kw = {k: v for k, v in RUN.items() if k != "threshold"}
     for id_ in SPLIT["test"]:
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
         assert probs.shape == SIZES[id_] and 0.0 <= probs.min() and probs.max() <= 1.0
         image = io.read_image(prepared / "images" / f"{id_}.png")
-        expected = predict_image(model, image, **{k: v for k, v in RUN.items() if k != "threshold"})
-        np.testing.assert_array_equal(probs, expected)
+        nchw = predict_image(model, image, **kw)
+        nhwc = predict_image(model_cl, image, channels_last=True, **kw)
+        np.testing.assert_array_equal(probs, nhwc if channels_last else nchw)
+        np.testing.assert_allclose(nhwc, nchw, atol=1e-5, rtol=0)
 
 
 def test_run_predict_checks_every_image_before_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,3 +61,19 @@ def set_threads(threads: int) -> int:
     n = int(env) if env else (threads or os.cpu_count() or 1)
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+def to_channels_last(model: torch.nn.Module) -> bool:
+    """Put a 2D conv net's weights in channels_last (NHWC) memory, in place; True if done.
+
+    Not a CUDA-only trick: on the CPU, oneDNN's NHWC convolutions run these U-Nets'
+    forward passes in 0.69-0.82x and their training steps in 0.78-0.97x the NCHW time
+    (``benchmarks/bench_memory_format.py``), because a 3x3 conv over 16-64 channels reads
+    the channels of a pixel contiguously.  The weights decide the format: a (B, 1, H, W)
+    input looks the same in both layouts, so converting only inputs would change nothing.
+    Nets with 3D convs (IPN) are left as they are: channels_last is a 4D format.
+    """
+    if any(p.ndim == 5 for p in model.parameters()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True

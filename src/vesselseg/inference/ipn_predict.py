@@ -168,9 +168,12 @@ def run_predict_ipn(
     batch_size: int,
     threshold: float,
     splits: Sequence[str] = ("val", "test"),
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Predict every prepared volume of ``splits``; write probability maps and masks.
 
+    ``channels_last`` (``predict.channels_last``) is accepted and has no effect: the
+    IPN's convs are 3D, and channels_last is a 4D memory format.
     Params, volume files and sizes are checked before the model is loaded.  Each
     split folder is built under a temporary name and swapped in whole.  Returns
     timing stats shaped as :func:`vesselseg.inference.predict.run_predict`'s.

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vesselseg import atomic, io
-from vesselseg.device import amp_dtype, resolve_device
+from vesselseg.device import amp_dtype, resolve_device, to_channels_last
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference.sliding_window import fit_window, sliding_window_inference, validate_args
 from vesselseg.layout import PreparedDataset
@@ -42,16 +42,20 @@ __all__ = ["amp_dtype", "predict_image", "resolve_device", "run_predict"]
 
 
 
-def _probability_predictor(model: torch.nn.Module, device: torch.device, amp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _probability_predictor(
+    model: torch.nn.Module, device: torch.device, amp: bool, channels_last: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap ``model`` so each window comes back as a float32 foreground probability (B, 1, h, w).
 
     Probabilities (not logits) are blended, so the stitched map is the mean of the
-    windows' probabilities and stays in [0, 1] by construction.
+    windows' probabilities and stays in [0, 1] by construction.  ``channels_last``
+    says the model's weights are NHWC (:func:`vesselseg.device.to_channels_last`), so
+    multi-channel windows are handed over in the same layout instead of being
+    converted inside the first conv.
     """
     from vesselseg.models import valid_padding_predictor  # late: keeps the stitching core importable alone
 
     dtype = amp_dtype(device, amp)
-    channels_last = device.type == "cuda"
     # A "valid"-padding U-Net returns less than it is given; this wrapper pads and
     # crops so window pixel (i, j) maps to output pixel (i, j).  Other models pass through.
     net = valid_padding_predictor(model)
@@ -98,10 +102,12 @@ def predict_image(
     batch_size: int,
     device: torch.device | str,
     amp: bool,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Foreground probabilities float32 (H, W) in [0, 1] for one uint8 image.
 
-    The model must already be on ``device``.  ``window=None`` (or a window at least
+    The model must already be on ``device`` (and in channels_last memory when
+    ``channels_last`` is set).  ``window=None`` (or a window at least
     the image size) is one whole-image forward pass, the fastest choice on a CPU when
     memory allows; a window side longer than the image side spans it whole (see
     :func:`vesselseg.inference.sliding_window.fit_window`).
@@ -115,7 +121,7 @@ def predict_image(
     x = torch.from_numpy(image_to_input(image))[None]
     if dev.type == "cuda":
         x = x.pin_memory()
-    predictor = _probability_predictor(model, dev, amp)
+    predictor = _probability_predictor(model, dev, amp, channels_last)
     with _eval_mode(model):
         probs = sliding_window_inference(
             x, window=window, overlap=overlap, predictor=predictor, weighting=weighting, batch_size=batch_size, device=dev
@@ -159,6 +165,7 @@ def run_predict(
     threshold: float,
     device: str = "auto",
     amp: bool = True,
+    channels_last: bool = True,
 ) -> dict[str, Any]:
     """Predict every image of ``splits`` and write probability maps and masks.
 
@@ -189,7 +196,7 @@ def run_predict(
     model.eval()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one window shape per run: autotuning pays off
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = channels_last and to_channels_last(model)
     log.info("predicting %d images on %s (window %s, overlap %s, %s)", sum(map(len, ids.values())), dev, window or "whole image", overlap, weighting)
 
     t_start = time.perf_counter()
@@ -217,7 +224,7 @@ def run_predict(
                     t0 = time.perf_counter()
                     probs = predict_image(
                         model, image, window=None if window is None else win, overlap=overlap, weighting=weighting,
-                        batch_size=batch_size, device=dev, amp=amp,
+                        batch_size=batch_size, device=dev, amp=amp, channels_last=channels_last,
                     )
                     seconds.append(time.perf_counter() - t0)  # .cpu() in predict_image synchronises CUDA
                     atomic.write_npy(tmp / "probs" / f"{id_}.npy", probs)

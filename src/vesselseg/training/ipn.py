@@ -290,10 +290,10 @@ def fit_ipn(
     )
     net = build_model(model_config)
     n_params = count_parameters(net)
-    # channels_last is a 4D memory format: 5D conv weights and inputs refuse it
+    # train.channels_last is a no-op here: a 3D net has no channels_last (to_channels_last).
     trainer = IpnTrainer(
         model=net, model_config=model_config, loss_fn=build_loss(train.loss, dice_weight=train.dice_weight),
-        params=train.model_copy(update={"channels_last": False}), seed=seed, device=device, world=world,
+        params=train, seed=seed, device=device, world=world,
         steps_per_epoch=len(batches),
     )
     fp = ckpt.fingerprint({"model": model_config, "train": train.model_dump(exclude={"threads", "device"}),

@@ -33,7 +33,7 @@ from vesselseg.params import TrainParams
 from vesselseg.patches import load_patches
 from vesselseg.training import checkpoint as ckpt
 from vesselseg.training.batches import PatchBatches
-from vesselseg.device import amp_dtype, resolve_device, set_threads
+from vesselseg.device import amp_dtype, resolve_device, set_threads, to_channels_last
 from vesselseg.training.distributed import World, barrier, broadcast_flag, init_world
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ class Trainer:
         if self.two_class and params.loss != "ce":
             raise ParamsError(f"train.loss: '{params.loss}' needs model.out_channels: 1 ('ce' is the two-class loss)")
         self.raw_model = model.to(device)
-        if device.type == "cuda" and params.channels_last:
-            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
+        # On the CPU too: NHWC convs are faster there for these nets (see to_channels_last).
+        self.channels_last = params.channels_last and to_channels_last(self.raw_model)
         self.model: nn.Module = self.raw_model
         if world.distributed:
             ids = [device.index] if device.type == "cuda" else None
@@ -155,7 +155,7 @@ class Trainer:
     def _to_device(self, *ts: torch.Tensor) -> list[torch.Tensor]:
         nb = self.device.type == "cuda"
         out = [t.to(self.device, non_blocking=nb) for t in ts]
-        if nb and self.params.channels_last:
+        if self.channels_last:
             out[0] = out[0].contiguous(memory_format=torch.channels_last)
         return out
 
@@ -235,7 +235,7 @@ class Trainer:
             probs = predict_image(
                 self.raw_model, item.image, window=window, overlap=self.params.val_overlap,
                 weighting="gaussian", batch_size=self.params.batch_size, device=self.device,
-                amp=self.amp is not None,
+                amp=self.amp is not None, channels_last=self.channels_last,
             )
             c = confusion(probs >= self.params.val_threshold, item.label, item.fov)
             tp, fp, fn, tn = tp + c[0], fp + c[1], fn + c[2], tn + c[3]

@@ -192,8 +192,12 @@ def predict_probability_map(
     stride: int,
     batch_size: int,
     device: torch.device | str = "cpu",
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Vessel probability float32 ``(H, W)`` in [0, 1] from centres on a ``stride`` grid.
+
+    ``channels_last``: the model's weights are NHWC (:func:`vesselseg.device.to_channels_last`),
+    so patches are handed over in that layout too.
 
     Grid rows are ``0, stride, 2 stride, ...`` plus ``H - 1`` (columns alike); the
     patch of centre ``(r, c)`` is the one training used: rows ``r - size // 2`` to
@@ -221,6 +225,8 @@ def predict_probability_map(
     for s in range(0, len(corners), batch_size):
         patches = crop(padded, corners[s : s + batch_size], patch_size)
         x = torch.from_numpy(batch_to_input(patches)).to(dev)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out[s : s + batch_size] = torch.sigmoid(model(x)[:, 0].float()).cpu().numpy()
     grid = out.reshape(len(rows), len(cols)).astype(np.float64)
     interp = RegularGridInterpolator((rows, cols), grid, method="linear")
@@ -241,6 +247,7 @@ def predict_patch_classifier(
     batch_size: int,
     threshold: float,
     splits: tuple[str, ...] = ("val", "test"),
+    channels_last: bool = True,
 ) -> dict[str, Any]:
     """Probability maps and masks of the val/test images, in the U-Net predictor's layout.
 
@@ -248,7 +255,7 @@ def predict_patch_classifier(
     ``weighting`` (sliding-window blending) do not apply to a centre classifier and
     are ignored.  The whole ``out_dir`` is swapped in atomically.
     """
-    from vesselseg.device import resolve_device
+    from vesselseg.device import resolve_device, to_channels_last
     from vesselseg.models import load_model
 
     if not 0.0 < float(threshold) < 1.0:
@@ -261,6 +268,7 @@ def predict_patch_classifier(
     if patch_size < 1:
         raise DataError(f"{model_path}: the model file does not record its training patch_size")
     model = model.to(dev)
+    channels_last = channels_last and to_channels_last(model)
     stride = grid_stride(window, patch_size)
     dataset = PreparedDataset(prepared_dir)
     log.info("patch classifier: %dx%d patches, centres every %d px (predict.window %s), on %s",
@@ -279,7 +287,7 @@ def predict_patch_classifier(
                     raise DataError(f"{dataset.paths(id_)[0]}: image has {ch} channel(s), the model expects "
                                     f"{meta['config'].get('in_channels')} (model.in_channels)")
                 probs = predict_probability_map(model, image, patch_size=patch_size, stride=stride,
-                                                batch_size=batch_size, device=dev)
+                                                batch_size=batch_size, device=dev, channels_last=channels_last)
                 atomic.write_npy(tmp / split / "probs" / f"{id_}.npy", probs)
                 io.write_png(tmp / split / "masks" / f"{id_}.png", probs >= threshold)
             counts[split] = len(ids)

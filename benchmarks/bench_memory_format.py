@@ -89,7 +89,7 @@ def train_step_fns(params: Params, seed: int) -> dict[str, Any]:
     for label, cl in (("nchw", False), ("channels_last", True)):
         tp = params.train.model_copy(update={"channels_last": cl, "device": "cpu"})
         trainer = Trainer(model=copy.deepcopy(net), model_config=cfg, loss_fn=build_loss(loss, dice_weight=tp.dice_weight),
-                          params=tp, seed=seed, device=torch.device("cpu"), world=World(), steps_per_epoch=1)
+                          params=tp, seed=seed, device=torch.device("cpu"), world=World(), steps_per_epoch=10_000)
         trainer.model.train()
         fns[label] = lambda t=trainer: t.train_step(x, y, m)
     return fns

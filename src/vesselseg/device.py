@@ -66,8 +66,8 @@ def set_threads(threads: int) -> int:
 def to_channels_last(model: torch.nn.Module) -> bool:
     """Put a 2D conv net's weights in channels_last (NHWC) memory, in place; True if done.
 
-    Not a CUDA-only trick: on the CPU, oneDNN's NHWC convolutions run these U-Nets'
-    forward passes in 0.69-0.82x and their training steps in 0.78-0.97x the NCHW time
+    Not a CUDA-only trick: on the CPU, oneDNN's NHWC convolutions predict with every
+    shipped 2D config in 0.57-0.86x and train it in 0.80-0.94x the NCHW time
     (``benchmarks/bench_memory_format.py``), because a 3x3 conv over 16-64 channels reads
     the channels of a pixel contiguously.  The weights decide the format: a (B, 1, H, W)
     input looks the same in both layouts, so converting only inputs would change nothing.

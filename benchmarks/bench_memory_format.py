@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Checks, header, interleaved, median, print_table  # noqa: E402
+from common import Checks, geomean, header, interleaved, median, print_table  # noqa: E402
 
 from vesselseg.device import set_threads, to_channels_last  # noqa: E402
 from vesselseg.inference.predict import predict_image  # noqa: E402
@@ -159,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r_train, r_pred in checks_rows:
         checks.check(f"{name}: train step channels_last / NCHW", r_train, TARGET)
         checks.check(f"{name}: prediction channels_last / NCHW", r_pred, TARGET)
-    gm = lambda vals: math.exp(sum(math.log(v) for v in vals) / len(vals))  # noqa: E731
-    Checks.note(f"geometric mean over {len(checks_rows)} configs: train {gm([r[1] for r in checks_rows]):.3f}, "
-                f"predict {gm([r[2] for r in checks_rows]):.3f}")
+    Checks.note(f"geometric mean over {len(checks_rows)} configs: train {geomean([r[1] for r in checks_rows]):.3f}, "
+                f"predict {geomean([r[2] for r in checks_rows]):.3f}")
     return checks.finish()
 
 

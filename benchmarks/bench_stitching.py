@@ -53,7 +53,11 @@ import numpy as np
 import torch
 import yaml
 
-from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import geomean  # noqa: E402
+
+from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference  # noqa: E402
 
 log = logging.getLogger("bench_stitching")
 
@@ -414,21 +418,20 @@ def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[
     worst_a = max(r["diff_aligned"] for r in rows)
     results["a"] = worst_a <= TARGETS["a"]
     print(f"\n(a) max |ours - MONAI| on identical windows: {worst_a:.2e} (target <= 1e-5)  {verdict(results['a'])}")
-    gm = lambda vals: float(np.exp(np.mean(np.log(vals))))  # noqa: E731
     worst_b = max(r["b"] for r in rows)
     worst_raw = max(r["b_raw"] for r in rows)
     worst_bs = max(r["b"] for r in stitch)
     worst_be = max(r["b"] for r in engine) if engine else float("nan")
     results["b"] = worst_b <= TARGETS["b"] and worst_bs <= TARGETS["b"] and (not engine or worst_be <= TARGETS["b"])
     print(f"(b) ours/MONAI time, same U-Net, forward and stitching timed apart: worst {worst_b:.3f} "
-          f"(geometric mean {gm([r['b'] for r in rows]):.3f}); stitching-only rows worst {worst_bs:.3f}; "
-          f"predict stage vs MONAI worst {worst_be:.3f} (geometric mean {gm([r['b'] for r in engine]) if engine else float('nan'):.3f}) "
+          f"(geometric mean {geomean([r['b'] for r in rows]):.3f}); stitching-only rows worst {worst_bs:.3f}; "
+          f"predict stage vs MONAI worst {worst_be:.3f} (geometric mean {geomean([r['b'] for r in engine]):.3f}) "
           f"(target <= 1.0 in every row)  {verdict(results['b'])}")
     print(f"    for information: raw per-round ratio with the same U-Net, worst {worst_raw:.3f} "
-          f"(geometric mean {gm([r['b_raw'] for r in rows]):.3f}); its forward-time ratio alone spans "
+          f"(geometric mean {geomean([r['b_raw'] for r in rows]):.3f}); its forward-time ratio alone spans "
           f"{min(r['forward_ratio'] for r in rows):.3f}-{max(r['forward_ratio'] for r in rows):.3f}, the noise floor of a raw ratio")
     worst_c = max(r["c"] for r in rows)
-    gm_c = float(np.exp(np.mean([np.log(r["c"]) for r in rows])))
+    gm_c = geomean([r["c"] for r in rows])
     results["c"] = worst_c <= TARGETS["c"]
     print(f"(c) ours/bare forward time: worst {worst_c:.3f}, geometric mean {gm_c:.3f} (target <= 1.10 in every row)  {verdict(results['c'])}")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Checks", "format_table", "header", "interleaved", "load_text", "median", "median_time", "print_table"]
+__all__ = ["Checks", "format_table", "geomean", "header", "interleaved", "load_text", "median", "median_time", "print_table"]
 
 
 def load_text() -> str:
@@ -43,6 +43,11 @@ def header(title: str, **facts: Any) -> None:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def geomean(values: Sequence[float]) -> float:
+    """Geometric mean: the summary of ratios (0.5 and 2.0 average to 1.0); NaN for no values."""
+    return statistics.geometric_mean(values) if values else float("nan")
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:

@@ -51,6 +51,7 @@ from vesselseg.training.batches import PatchBatches, augment_batch  # noqa: E402
 from vesselseg.device import set_threads  # noqa: E402
 from vesselseg.training.distributed import World  # noqa: E402
 from vesselseg.training.loop import Trainer  # noqa: E402
+from vesselseg.families import network_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.90
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     tp, size = params.train, params.patches.size
     threads = set_threads(tp.threads)
-    cfg = params.model.network_config()
+    cfg = network_config(params.model)
     torch.manual_seed(params.seed)
     model = build_model(cfg)
     header(

@@ -46,7 +46,8 @@ from vesselseg.params import Params, parse_params  # noqa: E402
 from vesselseg.recipes import merge_params  # noqa: E402
 from vesselseg.training.distributed import World  # noqa: E402
 from vesselseg.training.loop import Trainer  # noqa: E402
-from vesselseg.training.patch_classifier import predict_probability_map  # noqa: E402
+from vesselseg.families.resnet_patch import predict_probability_map  # noqa: E402
+from vesselseg.families import network_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.0
@@ -73,7 +74,7 @@ def shipped_configs(quick: bool) -> list[tuple[str, Params]]:
 
 def train_step_fns(params: Params, seed: int) -> dict[str, Any]:
     """One real ``Trainer.train_step`` per call, for NCHW and channels_last, same initial weights."""
-    cfg = params.model.network_config()
+    cfg = network_config(params.model)
     size, batch = params.patches.size, params.train.batch_size
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.random((batch, cfg.get("in_channels", 1), size, size), dtype=np.float32))
@@ -96,7 +97,7 @@ def train_step_fns(params: Params, seed: int) -> dict[str, Any]:
 
 def predict_fns(params: Params, seed: int) -> dict[str, Any]:
     """One prediction per call, as the predict stage runs it, for NCHW and channels_last."""
-    cfg = params.model.network_config()
+    cfg = network_config(params.model)
     torch.manual_seed(seed)
     net = build_model(cfg).eval()
     rng = np.random.default_rng(seed)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, checks_rows = [], []
     for name, params in configs:
-        cfg = params.model.network_config()
+        cfg = network_config(params.model)
         tf = train_step_fns(params, params.seed)
         steps = args.steps
         t_train = interleaved({k: (lambda f=f: [f() for _ in range(steps)]) for k, f in tf.items()}, args.repeats, warmup=1)

@@ -323,7 +323,7 @@ def bench_defaults(model: torch.nn.Module, repeats: int, candidates: list[tuple[
 def dice_candidates(model_path: Path, prepared: Path, n_images: int, candidates: list[tuple[int, float]]) -> list[dict]:
     """(d, Dice part): test Dice over FOV pixels for each candidate vs a small stride."""
     from vesselseg.inference.predict import predict_image
-    from vesselseg.layout import PreparedDataset
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.models import load_model
 
     model, _ = load_model(model_path)

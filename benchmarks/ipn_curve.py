@@ -2,9 +2,9 @@
 
 Runs the pipeline's own functions end to end: generate synthetic OCTA volumes
 (``vesselseg.data.synthetic_octa``), prepare them with ``prepare.volumes: true``,
-train with :func:`vesselseg.training.ipn.fit_ipn` under a wall-clock cap, predict
-the validation and test volumes with :func:`vesselseg.inference.ipn_predict.
-run_predict_ipn`, and print the history table (train loss should fall and
+train with the IPN family (:mod:`vesselseg.families.ipn`) under a wall-clock cap, predict
+the validation and test volumes with :func:`vesselseg.inference.predict.run_predict`,
+and print the history table (train loss should fall and
 validation Dice rise) and the FOV-pooled test Dice.
 
     python benchmarks/ipn_curve.py --minutes 4 --out /tmp/ipn_curve
@@ -50,12 +50,13 @@ def main() -> None:
 
     from vesselseg.data.adapters import mark_raw
     from vesselseg.data.synthetic_octa import generate_octa_dataset
-    from vesselseg.inference.ipn_predict import run_predict_ipn
-    from vesselseg.layout import PreparedDataset
+    from vesselseg.families.base import TrainJob
+    from vesselseg.families.ipn import IpnFamily
+    from vesselseg.inference.predict import run_predict
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.metrics import confusion, scores_from_confusion
-    from vesselseg.params import DataParams, ModelParams, PrepareParams, TrainParams
+    from vesselseg.params import DataParams, ModelParams, Params, PredictParams, PrepareParams, TrainParams
     from vesselseg.prepare import run_prepare
-    from vesselseg.training.ipn import fit_ipn
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="ipn_curve-"))
@@ -66,20 +67,21 @@ def main() -> None:
     generate_octa_dataset(out / "raw", n_subjects=args.subjects, n_bscans=args.bscans, depth=args.depth,
                           width=args.width, slab=synth_slab, seed=args.seed, progress=False)
     mark_raw(out / "raw", "synthetic")
+    prepare = PrepareParams(slab=slab, volumes=True, volume_depth=args.volume_depth)
     run_prepare(raw_dir=out / "raw", out_dir=out / "prepared", data=DataParams(dataset="synthetic", seed=args.seed),
-                prepare=PrepareParams(slab=slab, volumes=True, volume_depth=args.volume_depth))
+                prepare=prepare)
     t_data = time.monotonic() - t0
 
     model = ModelParams(name="ipn", ipn={"channels": args.channels, "n_blocks": args.n_blocks, "block": args.block})
     train = TrainParams(lr=args.lr, epochs=args.epochs, batch_size=args.batch, loss="bce+dice", patience=args.epochs,
                         threads=args.threads, device="cpu", max_minutes=args.minutes)
-    metrics = fit_ipn(model=model, train=train, seed=args.seed, prepared_dir=out / "prepared",
-                      model_path=out / "model.pt", checkpoint_path=out / "checkpoint.pt",
-                      history_path=out / "history.csv", metrics_path=out / "train_metrics.json",
-                      model_extra={"recipe": "ipn-curve"})
-    run_predict_ipn(model_path=out / "model.pt", prepared_dir=out / "prepared", out_dir=out / "predictions",
-                    device="cpu", amp=False, window=args.block, overlap=0.5, weighting="gaussian", batch_size=args.batch,
-                    threshold=0.5)
+    params = Params(seed=args.seed, model=model, train=train, prepare=prepare)
+    metrics = IpnFamily().fit(TrainJob(params=params, prepared_dir=out / "prepared", model_path=out / "model.pt",
+                                       checkpoint_path=out / "checkpoint.pt", history_path=out / "history.csv",
+                                       metrics_path=out / "train_metrics.json", model_extra={"recipe": "ipn-curve"}))
+    run_predict(model_path=out / "model.pt", prepared_dir=out / "prepared", out_dir=out / "predictions",
+                device="cpu", amp=False,
+                predict=PredictParams(window=args.block, overlap=0.5, weighting="gaussian", batch_size=args.batch))
     ds = PreparedDataset(out / "prepared")
     c = np.zeros(4, dtype=np.int64)
     for id_ in ds.ids("test"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vesselseg.layout import write_item
+from vesselseg.prepared import write_item
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -44,3 +44,20 @@ def make_prepared(root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 2,
             seed += 1
     (root / "split.json").write_text(json.dumps({"dataset": "test", **ids}))
     return root
+
+
+def fit_family(out: Path, prepared: Path, patches: Path | None = None, *, family: object | None = None,
+               seed: int = 0, **sections: object) -> dict:
+    """Train through the family registry as the train stage does; ``sections`` are params sections.
+
+    Writes ``out/{model.pt, ckpt.pt, history.csv, metrics.json}``; returns the metrics.
+    """
+    from vesselseg.families import get_family
+    from vesselseg.families.base import TrainJob
+    from vesselseg.params import parse_params
+
+    params = parse_params({"seed": seed, **sections})
+    job = TrainJob(params=params, prepared_dir=prepared, patch_dir=patches or out / "no-patches",
+                   model_path=out / "model.pt", checkpoint_path=out / "ckpt.pt", history_path=out / "history.csv",
+                   metrics_path=out / "metrics.json")
+    return (family or get_family(params.model.name)).fit(job)  # type: ignore[attr-defined, no-any-return]

@@ -19,7 +19,7 @@ import pytest
 import tifffile
 
 from tests.conftest_http import LocalServer, http_server  # noqa: F401 (fixture)
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.data.adapters import Adapter, adapter_names, get_adapter
 from vesselseg.data.download import DownloadSpec
 from vesselseg.data.fov import fov_from_image
@@ -102,7 +102,7 @@ def test_fov_from_image_matches_drive_official_masks() -> None:
     for part, n in (("training", 21), ("training", 34), ("test", 3), ("test", 17)):
         with Image.open(root / part / "images" / f"{n:02d}_{part}.tif") as im:
             rgb = np.asarray(im.convert("RGB"))
-        official = io.read_mask(root / part / "mask" / f"{n:02d}_{part}_mask.gif")
+        official = imagefiles.read_mask(root / part / "mask" / f"{n:02d}_{part}_mask.gif")
         assert _iou(fov_from_image(rgb), official) > 0.98
 
 
@@ -137,17 +137,17 @@ def test_drive_adapter_on_the_real_dataset(tmp_path: Path) -> None:
     assert sorted(s.id for s in samples if s.split == "test") == [f"{n:02d}_test" for n in range(1, 21)]
     for s in (samples[0], samples[-1]):
         assert s.image is not None and s.fov is not None and raw in s.image.parents
-        label, fov = io.read_mask(s.label), io.read_mask(s.fov, what="FOV mask")
+        label, fov = imagefiles.read_mask(s.label), imagefiles.read_mask(s.fov, what="FOV mask")
         assert label.shape == fov.shape == (584, 565)
         assert 0.05 < label.mean() < 0.2 and 0.5 < fov.mean() < 0.8
         assert s.image.read_bytes() == (src / s.image.relative_to(raw)).read_bytes()
     assert not any(p.is_symlink() for p in raw.rglob("*"))  # copies, never links
     assert sorted((p.relative_to(src), p.stat().st_mtime_ns) for p in src.rglob("*")) == before
     try:
-        image = io.read_image(samples[0].image)
+        image = imagefiles.read_image(samples[0].image)
     except DataError as err:
         if "imagecodecs" in str(err):
-            pytest.xfail(f"vesselseg.io cannot decode DRIVE's LZW-compressed TIFF without imagecodecs: {err}")
+            pytest.xfail(f"vesselseg.imagefiles cannot decode DRIVE's LZW-compressed TIFF without imagecodecs: {err}")
         raise
     assert image.shape == (584, 565, 3)
 
@@ -195,7 +195,7 @@ def test_synthetic_fundus_adapter_uses_the_drive_scanner(tmp_path: Path) -> None
     samples = adapter.samples(tmp_path / "raw", p)
     assert Counter(s.split for s in samples) == {"train": 2, "test": 2}
     s = samples[0]
-    assert io.read_image(s.image).shape[:2] == io.read_mask(s.label).shape == io.read_mask(s.fov).shape == (64, 64)
+    assert imagefiles.read_image(s.image).shape[:2] == imagefiles.read_mask(s.label).shape == imagefiles.read_mask(s.fov).shape == (64, 64)
     # Same layout as DRIVE: the stamp in the raw folder stops a stale folder being read as DRIVE.
     with pytest.raises(DataError, match="holds dataset 'synthetic-fundus' but data.dataset is 'drive'"):
         get_adapter("drive").samples(tmp_path / "raw", params(dataset="drive"))
@@ -208,8 +208,8 @@ def test_synthetic_octa_adapter_lists_volumes(tmp_path: Path) -> None:
     adapter.materialize(tmp_path / "raw", source=None, params=p)
     samples = adapter.samples(tmp_path / "raw", p)
     assert len(samples) == 3 and all(s.volume is not None and s.split is None and s.fov is None for s in samples)
-    assert len(io.list_slices(samples[0].volume)) == 16
-    assert io.read_mask(samples[0].label).shape == (16, 16)
+    assert len(imagefiles.list_slices(samples[0].volume)) == 16
+    assert imagefiles.read_mask(samples[0].label).shape == (16, 16)
 
 
 # ---------------------------------------------------------------- OCTA-500
@@ -227,8 +227,8 @@ def test_octa500_2d_release_on_the_real_dataset(tmp_path: Path) -> None:
     assert [s.id for s in samples] == [str(i) for i in range(10301, 10451)]
     assert {s.split for s in samples if int(s.id) >= 10441} == {"val"}
     for s in (samples[0], samples[-1]):
-        assert io.read_image(s.image).shape == (304, 304)
-        label = io.read_mask(s.label, (304, 304))
+        assert imagefiles.read_image(s.image).shape == (304, 304)
+        label = imagefiles.read_mask(s.label, (304, 304))
         assert 0.01 < label.mean() < 0.2
         assert s.image.read_bytes() == next(src.rglob(f"*_images/{s.id}.bmp")).read_bytes()
     with pytest.raises(ParamsError, match="data.octa500.projection"):
@@ -260,7 +260,7 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     adapter.materialize(raw, source=src, params=p)
     samples = adapter.samples(raw, p)
     assert [(s.id, s.split) for s in samples] == [("10301", "train"), ("10440", "train"), ("10441", "val"), ("10451", "test"), ("10500", "test")]
-    assert (io.read_image(samples[2].image) == np.eye(6, 3, dtype=np.uint8) * 52).all()
+    assert (imagefiles.read_image(samples[2].image) == np.eye(6, 3, dtype=np.uint8) * 52).all()
     with pytest.raises(DataError, match=r"data\.octa500\.projection='OCTA\(ILM_OPL\)'"):
         adapter.samples(raw, params(dataset="octa500", octa500={"label": "GT_Capillary"}))  # stale raw folder
 
@@ -268,7 +268,7 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     adapter.materialize(raw, source=src, params=pv)
     vols = adapter.samples(raw, pv)
     assert all(s.volume is not None for s in vols)
-    assert [io.read_image(f)[0, 0] for f in io.list_slices(vols[1].volume)] == [11, 21, 31]
+    assert [imagefiles.read_image(f)[0, 0] for f in imagefiles.list_slices(vols[1].volume)] == [11, 21, 31]
 
     with pytest.raises(ParamsError, match=r"data\.octa500\.label: 'GT_Artery'.*GT_Capillary, GT_LargeVessel"):
         adapter.materialize(tmp_path / "r2", source=src, params=params(dataset="octa500", octa500={"label": "GT_Artery"}))
@@ -340,9 +340,9 @@ def test_hrf_download_extract_and_fixed_split(http_server: LocalServer, tmp_path
     assert len(samples) == 45
     assert sorted(s.id for s in samples if s.split == "train") == sorted(f"{n:02d}_{c}" for c in ("h", "dr", "g") for n in range(1, 6))
     s = next(s for s in samples if s.id == "07_dr")
-    assert s.split == "test" and io.read_image(s.image).shape == (24, 32, 3)
-    assert (io.read_mask(s.label, (24, 32)) == np.eye(24, 32, dtype=bool)).all()
-    assert (io.read_mask(s.fov, (24, 32)) == disc(24, 32)).all()
+    assert s.split == "test" and imagefiles.read_image(s.image).shape == (24, 32, 3)
+    assert (imagefiles.read_mask(s.label, (24, 32)) == np.eye(24, 32, dtype=bool)).all()
+    assert (imagefiles.read_mask(s.fov, (24, 32)) == disc(24, 32)).all()
 
     # The same archive as the user's own file, with a wrong pin: refused.
     monkeypatch.setattr(adapter, "specs", (DownloadSpec("http://unused/", "1" * 64, "hrf_all.zip"),))
@@ -366,8 +366,8 @@ def test_chase_download_derives_fov_and_splits_20_8(http_server: LocalServer, tm
     assert Counter(s.split for s in samples) == {"train": 20, "test": 8}
     assert [s.id for s in samples if s.split == "test"][:2] == ["Image_11L", "Image_11R"]
     for s in samples[:3]:
-        assert _iou(io.read_mask(s.fov, (40, 48)), disc(40, 48)) > 0.9
-        assert io.read_mask(s.label, (40, 48)).sum() == 40
+        assert _iou(imagefiles.read_mask(s.fov, (40, 48)), disc(40, 48)) > 0.9
+        assert imagefiles.read_mask(s.label, (40, 48)).sum() == 40
 
 
 def test_stare_gzipped_members_in_two_tars(http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,9 +387,9 @@ def test_stare_gzipped_members_in_two_tars(http_server: LocalServer, tmp_path: P
     assert Counter(s.split for s in samples) == {"train": 10, "test": 10}
     assert not (raw / "images" / "im0006.ppm").exists()
     s = samples[4]
-    assert (io.read_image(s.image) == fundus(36, 40, 4)).all()
-    assert io.read_mask(s.label, (36, 40)).sum() == 80
-    assert _iou(io.read_mask(s.fov, (36, 40)), disc(36, 40)) > 0.9
+    assert (imagefiles.read_image(s.image) == fundus(36, 40, 4)).all()
+    assert imagefiles.read_mask(s.label, (36, 40)).sum() == 80
+    assert _iou(imagefiles.read_mask(s.fov, (36, 40)), disc(36, 40)) > 0.9
 
 
 # ---------------------------------------------------------------- other bring-your-own sets
@@ -436,7 +436,7 @@ def test_lgg_mri_groups_by_patient_and_keeps_empty_slices(tmp_path: Path) -> Non
     assert [s.id for s in samples] == [f"TCGA_CS_4941_19960909_{k}" for k in (1, 2, 3)] + [f"TCGA_DU_5849_19950405_{k}" for k in (1, 2)]
     assert [s.group for s in samples] == ["TCGA_CS_4941_19960909"] * 3 + ["TCGA_DU_5849_19950405"] * 2
     assert all(s.split is None for s in samples)
-    assert io.read_image(samples[1].image).shape == (16, 16, 3) and not io.read_mask(samples[1].label).any()
+    assert imagefiles.read_image(samples[1].image).shape == (16, 16, 3) and not imagefiles.read_mask(samples[1].label).any()
     (src / "TCGA_DU_5849_19950405" / "TCGA_DU_5849_19950405_2_mask.tif").unlink()
     with pytest.raises(DataError, match="TCGA_DU_5849_19950405_2.tif"):
         adapter.materialize(tmp_path / "raw2", source=tmp_path / "archive", params=params(dataset="lgg_mri"))
@@ -464,7 +464,7 @@ def test_folder_adapter_pairs_by_stem_and_lists_unpaired(tmp_path: Path) -> None
     samples = adapter.samples(raw, p)
     assert [s.id for s in samples] == ["eye1", "eye2", "eye10"]
     assert samples[2].image.name == "eye10.png" and samples[2].label.name == "eye10_label.png" and samples[2].fov.name == "eye10_fov.png"
-    assert io.read_image(samples[2].image)[0, 0] == 10
+    assert imagefiles.read_image(samples[2].image)[0, 0] == 10
 
     cv2.imwrite(str(src / "img" / "eye3.png"), np.zeros((8, 8), np.uint8))
     (src / "gt" / "eye1_label.png").rename(src / "gt" / "eyeX_label.png")

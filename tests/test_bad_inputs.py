@@ -439,7 +439,6 @@ def run_cli(argv: list[str]) -> int:
 
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VESSELSEG_TRACKING", "0")
     monkeypatch.setenv("VESSELSEG_THREADS", "1")
     monkeypatch.setenv("VESSELSEG_LOG", "WARNING")
 

@@ -9,14 +9,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-from vesselseg.baselines import (
-    choose_threshold,
-    fit_knn,
-    frangi_vesselness,
-    neighbourhood_features,
-    predict_proba_image,
-    sample_training_pixels,
-)
+from vesselseg.families.knn import fit_knn, neighbourhood_features, predict_proba_image, sample_training_pixels
+from vesselseg.families.vesselness import choose_threshold, frangi_vesselness
 from vesselseg.errors import DataError, ParamsError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -14,13 +14,28 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from tests.helpers import line_scene, make_prepared
-from vesselseg import io
-from vesselseg.baselines.knn import neighbourhood_features
-from vesselseg.baselines.runner import HISTORY_COLUMNS, fit_classical, predict_classical, vesselness_to_probability
-from vesselseg.baselines.vesselness import choose_threshold, frangi_vesselness
+from vesselseg import imagefiles
 from vesselseg.errors import DataError
-from vesselseg.layout import PreparedDataset, write_item
-from vesselseg.params import ModelParams
+from vesselseg.families import get_family
+from vesselseg.families.base import TrainJob
+from vesselseg.families.knn import neighbourhood_features
+from vesselseg.families.vesselness import choose_threshold, frangi_vesselness, vesselness_to_probability
+from vesselseg.inference.predict import run_predict
+from vesselseg.params import ModelParams, PredictParams, parse_params
+from vesselseg.prepared import PreparedDataset, write_item
+from vesselseg.training.loop import HISTORY_COLUMNS
+
+
+def fit_classical(*, model: ModelParams, seed: int, prepared_dir: Path, **paths: Path) -> dict:
+    """The train stage's call for a classical family (through the registry)."""
+    job = TrainJob(params=parse_params({"seed": seed, "model": model}), prepared_dir=prepared_dir, **paths)
+    return get_family(model.name).fit(job)
+
+
+def predict_classical(*, model_path: Path, prepared_dir: Path, out_dir: Path, threshold: float) -> dict:
+    """The predict stage's call: the one prediction writer, family read from the model file."""
+    return run_predict(model_path=model_path, prepared_dir=prepared_dir, out_dir=out_dir,
+                       predict=PredictParams(threshold=threshold))
 
 
 def _paths(tmp: Path) -> dict[str, Path]:
@@ -39,7 +54,7 @@ def _check_predictions(out: Path, prepared: Path, threshold: float) -> dict[str,
             p = np.load(out / split / "probs" / f"{id_}.npy")
             assert p.dtype == np.float32 and p.shape == ds.load(id_).label.shape
             assert np.isfinite(p).all() and p.min() >= 0.0 and p.max() <= 1.0
-            mask = io.read_image(out / split / "masks" / f"{id_}.png")
+            mask = imagefiles.read_image(out / split / "masks" / f"{id_}.png")
             assert set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask == 255, p >= threshold)
             probs[id_] = p
@@ -158,7 +173,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         predict_classical(model_path=tmp_path / "none.pt", prepared_dir=tmp_path, out_dir=tmp_path / "o", threshold=0.5)
     torch.save({"format": "vesselseg-model/1", "config": {"name": "unet"}, "state_dict": {}}, tmp_path / "u.pt")
     with pytest.raises(DataError, match="not a classical baseline"):
-        predict_classical(model_path=tmp_path / "u.pt", prepared_dir=tmp_path, out_dir=tmp_path / "o", threshold=0.5)
+        get_family("knn").load_predictor(tmp_path / "u.pt", predict=PredictParams(), device="cpu", amp=False)
     rgb = tmp_path / "rgb"
     make_prepared(rgb, n_train=2, n_val=1, n_test=1, size=32)
     for id_ in PreparedDataset(rgb).ids("val"):

@@ -17,6 +17,7 @@ from vesselseg.models import build_model
 from vesselseg.params import ModelParams, TrainParams
 from vesselseg.training.distributed import World
 from vesselseg.training.loop import Trainer
+from vesselseg.families import network_config
 
 CL = torch.channels_last
 
@@ -29,7 +30,7 @@ def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("upsampling", ["bilinear", "transpose"])
 def test_unet_in_channels_last_predicts_what_nchw_predicts(upsampling: str) -> None:
     torch.manual_seed(0)
-    net = build_model(ModelParams(depth=2, base_channels=4, in_channels=3, upsampling=upsampling).network_config()).eval()
+    net = build_model(network_config(ModelParams(depth=2, base_channels=4, in_channels=3, upsampling=upsampling))).eval()
     fast = copy.deepcopy(net)
     assert to_channels_last(fast)
     weights = _conv_weights(fast)
@@ -41,7 +42,7 @@ def test_unet_in_channels_last_predicts_what_nchw_predicts(upsampling: str) -> N
 
 
 def test_3d_net_is_left_in_its_layout() -> None:
-    net = build_model(ModelParams(name="ipn", ipn={"channels": 4, "n_blocks": 2, "block": 12}).network_config())
+    net = build_model(network_config(ModelParams(name="ipn", ipn={"channels": 4, "n_blocks": 2, "block": 12})))
     before = {k: (v.stride(), v.clone()) for k, v in net.state_dict().items()}
     assert not to_channels_last(net)
     assert all(v.stride() == before[k][0] and torch.equal(v, before[k][1]) for k, v in net.state_dict().items())
@@ -56,7 +57,7 @@ def _trainer(net: torch.nn.Module, config: dict, channels_last: bool) -> Trainer
 def test_training_step_in_channels_last_matches_nchw() -> None:
     """train.channels_last is on by default on the CPU: three steps equal the NCHW steps."""
     torch.manual_seed(0)
-    config = ModelParams(depth=2, base_channels=4, dropout=0.0).network_config()
+    config = network_config(ModelParams(depth=2, base_channels=4, dropout=0.0))
     net = build_model(config)
     fast, ref = _trainer(copy.deepcopy(net), config, True), _trainer(copy.deepcopy(net), config, False)
     assert fast.channels_last and not ref.channels_last

@@ -26,11 +26,13 @@ from vesselseg.atomic import DiskFullError
 from vesselseg.cli import main
 from vesselseg.errors import DataError
 from vesselseg.inference.predict import run_predict
+from vesselseg.params import PredictParams
 from vesselseg.models import build_model, save_model
 
 UNET = {"name": "unet", "in_channels": 1, "depth": 1, "base_channels": 4, "batch_norm": True, "dropout": 0.0,
         "upsampling": "bilinear", "padding": "same", "input_norm": False, "out_channels": 1}
-PREDICT = dict(window=16, overlap=0.25, weighting="constant", batch_size=4, threshold=0.5, device="cpu", amp=False)
+PREDICT = dict(predict=PredictParams(window=16, overlap=0.25, weighting="constant", batch_size=4, threshold=0.5),
+               device="cpu", amp=False)
 
 
 class _Disk:
@@ -180,7 +182,6 @@ def test_cli_prints_one_line_naming_the_file(
     tree["train"].update(device="cpu", amp=False)
     (workspace / "params.yaml").write_text(yaml.safe_dump(tree))
     monkeypatch.chdir(workspace)
-    monkeypatch.setenv("VESSELSEG_TRACKING", "0")
     monkeypatch.setattr(atomic, "open", _Disk(5000).open, raising=False)
     with pytest.raises(SystemExit) as stop:
         main(["--params", "params.yaml", "predict", "--model", "model.pt", "--prepared", "prepared", "--out", "out"])

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.errors import DataError
 from vesselseg.evaluate import PER_IMAGE_COLUMNS, run_evaluate
 from vesselseg.figures import COLORS, overlay
-from vesselseg.layout import write_item
+from vesselseg.prepared import write_item
 
 H, W = 30, 26
 IDS = {"train": ["a0"], "val": ["v1", "v0"], "test": ["t2", "t0", "t1", "t3"]}
@@ -150,7 +150,7 @@ def test_overlays_written_for_first_test_ids(tree) -> None:
     _run(root)
     files = sorted(p.name for p in (root / "out" / "overlays").iterdir())
     assert files == ["t0.png", "t1.png"]  # first two test ids by name; stale file gone
-    panel = io.read_image(root / "out" / "overlays" / "t0.png")
+    panel = imagefiles.read_image(root / "out" / "overlays" / "t0.png")
     assert panel.shape[0] > H and panel.shape[1] >= 4 * W and panel.shape[2] == 3
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.params import DataParams, ModelParams, PrepareParams, TrainParams
+from vesselseg.params import DataParams, ModelParams, PredictParams, PrepareParams, TrainParams
 
 torch.set_num_threads(1)
 
@@ -129,8 +129,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_prepared_volumes_line_up_with_labels(prepared: Path) -> None:
-    from vesselseg.io import list_slices
-    from vesselseg.layout import PreparedDataset
+    from vesselseg.imagefiles import list_slices
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.preprocess.projection import project_volume
 
     ds = PreparedDataset(prepared)
@@ -146,7 +146,7 @@ def test_prepared_volumes_line_up_with_labels(prepared: Path) -> None:
 
 
 def test_blocks_are_seeded_split_by_rank_and_move_with_labels() -> None:
-    from vesselseg.training.ipn import VolumeBlocks, VolumeItem
+    from vesselseg.families.ipn import VolumeBlocks, VolumeItem
 
     rng = np.random.default_rng(0)
     items = []
@@ -178,13 +178,16 @@ def test_blocks_are_seeded_split_by_rank_and_move_with_labels() -> None:
 
 
 def _fit(prepared: Path, out: Path, logger=None, **train_kw) -> dict:
-    from vesselseg.training.ipn import fit_ipn
+    from vesselseg.families.base import TrainJob
+    from vesselseg.families.ipn import IpnFamily
+    from vesselseg.params import Params
 
-    train = TrainParams(**{"epochs": 3, "batch_size": 4, "lr": 1e-2, "threads": 1, "patience": 50, **train_kw})
-    return fit_ipn(model=IPN_MODEL, train=train, seed=0, prepared_dir=prepared, model_path=out / "model.pt",
-                   checkpoint_path=out / "ckpt.pt", history_path=out / "history.csv",
-                   metrics_path=out / "metrics.json", logger=logger, model_extra={"recipe": "test"},
-                   blocks_per_volume=6)
+    train = {"epochs": 3, "batch_size": 4, "lr": 1e-2, "threads": 1, "patience": 50, **train_kw}
+    params = Params(model=IPN_MODEL, train=train, prepare={"volumes": True})
+    job = TrainJob(params=params, prepared_dir=prepared, model_path=out / "model.pt", checkpoint_path=out / "ckpt.pt",
+                   history_path=out / "history.csv", metrics_path=out / "metrics.json", logger=logger,
+                   model_extra={"recipe": "test"})
+    return IpnFamily(blocks_per_volume=6).fit(job)
 
 
 def test_fit_ipn_learns_and_writes_outputs(prepared: Path, tmp_path: Path) -> None:
@@ -214,7 +217,7 @@ def test_fit_ipn_resumes_exactly(prepared: Path, tmp_path: Path, caplog: pytest.
         _fit(prepared, tmp_path / "cut", logger=Killer(), epochs=2)
     assert (tmp_path / "cut" / "ckpt.pt").is_file()
     assert len(pd.read_csv(tmp_path / "cut" / "history.csv")) == 1
-    with caplog.at_level("INFO", logger="vesselseg.training.ipn"):
+    with caplog.at_level("INFO", logger="vesselseg.families.base"):
         _fit(prepared, tmp_path / "cut", epochs=2)
     assert "resuming from" in caplog.text and "at epoch 2" in caplog.text
     a = pd.read_csv(tmp_path / "full" / "history.csv").drop(columns="seconds")
@@ -229,9 +232,10 @@ def test_fit_ipn_needs_volumes(tmp_path: Path, prepared: Path) -> None:
 
 
 def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
-    from vesselseg.inference.ipn_predict import predict_volume, run_predict_ipn
-    from vesselseg.io import read_mask
-    from vesselseg.layout import PreparedDataset
+    from vesselseg.families.ipn import predict_volume
+    from vesselseg.inference.predict import run_predict
+    from vesselseg.imagefiles import read_mask
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.models import load_model, save_model
     from vesselseg.models.ipn import IPN
 
@@ -243,8 +247,8 @@ def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
     save_model(tmp_path / "model.pt", net, {"name": "ipn", "channels": 4, "n_blocks": 2, "depth": 4})
     out = tmp_path / "pred"
     kw = dict(window=12, overlap=0.5, weighting="gaussian", batch_size=3)
-    stats = run_predict_ipn(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=out, device="cpu",
-                            amp=False, threshold=0.5, **kw)
+    stats = run_predict(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=out, device="cpu",
+                        amp=False, predict=PredictParams(threshold=0.5, **kw))
     ds = PreparedDataset(prepared)
     model, _ = load_model(tmp_path / "model.pt")
     assert stats["n_images"] == len(ds.ids("val")) + len(ds.ids("test"))
@@ -271,7 +275,7 @@ class _LogitOfMean(torch.nn.Module):
 
 
 def test_stitching_reproduces_mean_projection() -> None:
-    from vesselseg.inference.ipn_predict import depth_as_channels, predict_volume
+    from vesselseg.families.ipn import depth_as_channels, predict_volume
     from vesselseg.inference.sliding_window import sliding_window_inference
 
     rng = np.random.default_rng(1)
@@ -290,11 +294,12 @@ def test_stitching_reproduces_mean_projection() -> None:
 
 def test_refresh_batch_norm_recomputes_running_stats(prepared: Path) -> None:
     """After the refresh, the first BN's running mean is the average of its batch means."""
-    from vesselseg.layout import PreparedDataset
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.losses import build_loss
     from vesselseg.models.ipn import IPN
     from vesselseg.training.distributed import World
-    from vesselseg.training.ipn import IpnTrainer, VolumeBlocks, load_volume_items
+    from vesselseg.families.ipn import VolumeBlocks, load_volume_items, refresh_batch_norm
+    from vesselseg.training.loop import Trainer
 
     items = load_volume_items(PreparedDataset(prepared), "train")
     blocks = VolumeBlocks(items, block=12, batch_size=4, flip=True, rotate90=True, seed=0, blocks_per_volume=4)
@@ -303,12 +308,12 @@ def test_refresh_batch_norm_recomputes_running_stats(prepared: Path) -> None:
     net = IPN(channels=4, n_blocks=2, depth=4)
     bn = net.blocks[0][1]
     bn.running_mean.fill_(5.0)
-    trainer = IpnTrainer(model=net, model_config={"name": "ipn", "out_channels": 1}, loss_fn=build_loss("bce"),
-                         params=TrainParams(threads=1, device="cpu"), seed=0, device=torch.device("cpu"),
-                         world=World(), steps_per_epoch=len(blocks))
+    trainer = Trainer(model=net, model_config={"name": "ipn", "out_channels": 1}, loss_fn=build_loss("bce"),
+                      params=TrainParams(threads=1, device="cpu"), seed=0, device=torch.device("cpu"),
+                      world=World(), steps_per_epoch=len(blocks))
     conv = net.blocks[0][0]
     with torch.no_grad():
         ref = torch.stack([conv(x).mean(dim=(0, 2, 3, 4)) for x, _, _ in blocks.epoch(3)]).mean(dim=0)
-    trainer.refresh_batch_norm(blocks, 3)
+    refresh_batch_norm(trainer, blocks, 3)
     torch.testing.assert_close(bn.running_mean, ref, atol=1e-5, rtol=1e-5)
     assert bn.momentum == 0.1 and net.training

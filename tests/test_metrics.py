@@ -237,14 +237,14 @@ def test_real_drive_labels_against_sklearn() -> None:
         pytest.skip(f"{drive} not found: real-data check needs ../shared/datasets/DRIVE")
     import cv2
 
-    from vesselseg import io
+    from vesselseg import imagefiles
 
     rng = np.random.default_rng(0)
     acc = vm.MetricAccumulator(threshold=0.5)
     ys, ps = [], []
     for n in ("01", "02"):
-        label = io.read_mask(drive / "1st_manual" / f"{n}_manual1.gif")
-        fov = io.read_mask(drive / "mask" / f"{n}_test_mask.gif", label.shape)
+        label = imagefiles.read_mask(drive / "1st_manual" / f"{n}_manual1.gif")
+        fov = imagefiles.read_mask(drive / "mask" / f"{n}_test_mask.gif", label.shape)
         soft = cv2.GaussianBlur(label.astype(np.float32), (0, 0), 1.5)
         probs = np.clip(soft + rng.normal(0, 0.1, label.shape), 0, 1).astype(np.float32)
         m = acc.update(probs, label, fov)

@@ -23,6 +23,7 @@ from vesselseg.models import (
 )
 from vesselseg.models.ipn import depth_pool_factors
 from vesselseg.models.resnet_patch import load_imagenet_weights
+from vesselseg.families import network_config
 
 torch.set_num_threads(1)
 
@@ -299,7 +300,7 @@ def test_save_load_roundtrip(tmp_path: Path, config: dict, shape: tuple) -> None
 def test_build_model_from_params_section() -> None:
     from vesselseg.params import Params
 
-    model = build_model(Params().model.network_config())
+    model = build_model(network_config(Params().model))
     assert isinstance(model, UNet) and model.depth == 3
 
 

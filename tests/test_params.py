@@ -76,3 +76,64 @@ def test_schema_defaults_are_the_shipped_params_yaml() -> None:
     drift = {k: (defaults.get(k, "<absent>"), shipped.get(k, "<absent>")) for k in set(shipped) | set(defaults)
              if defaults.get(k, "<absent>") != shipped.get(k, "<absent>")}
     assert not drift, f"schema default != params.yaml (key: (schema, yaml)): {drift}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        # train.loss 'ce' is the two-class loss
+        ({"train.loss": "ce"}, ("train.loss", "model.out_channels")),
+        ({"model.out_channels": 2}, ("model.out_channels", "train.loss")),
+        # the ResNet patch classifier has one logit: bce only
+        ({"model.name": "resnet_patch", "train.loss": "dice"}, ("train.loss", "model.name")),
+        # the IPN reads one-channel volumes, prepared with prepare.volumes
+        ({"model.name": "ipn", "prepare.volumes": True, "model.in_channels": 3}, ("model.in_channels", "model.name")),
+        ({"model.name": "ipn"}, ("prepare.volumes", "model.name")),
+        # colour input needs a 3-channel network, and the other way round
+        ({"prepare.channel": "rgb"}, ("model.in_channels", "prepare.channel")),
+        ({"model.in_channels": 3}, ("model.in_channels", "prepare.channel")),
+        # the classical baselines read one grey channel
+        ({"model.name": "knn", "prepare.channel": "rgb"}, ("prepare.channel", "model.name")),
+        ({"model.name": "vesselness", "model.in_channels": 3}, ("model.in_channels", "model.name")),
+        # two classes only where the family has a softmax head
+        ({"model.name": "resnet_patch", "model.out_channels": 2, "train.loss": "bce"},
+         ("model.out_channels", "model.name")),
+    ],
+)
+def test_cross_section_rules_name_both_keys(tmp_path: Path, overrides: dict, keys: tuple[str, str]) -> None:
+    """`vesselseg params check` refuses what train would refuse later, naming both keys in one line."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ParamsError) as err:
+        load_params(path, overrides=overrides)
+    msg = str(err.value)
+    assert all(k in msg for k in keys) and "\n" not in msg and str(path) in msg, msg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train.loss": "ce", "model.out_channels": 2},
+        {"model.name": "resnet_patch", "train.loss": "bce"},
+        {"model.name": "ipn", "prepare.volumes": True},
+        {"prepare.channel": "rgb", "model.in_channels": 3},
+        {"model.name": "knn", "prepare.channel": "grey"},
+    ],
+)
+def test_consistent_cross_section_settings_pass(tmp_path: Path, overrides: dict) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    load_params(path, overrides=overrides)
+
+
+def test_params_check_command_refuses_an_inconsistent_config(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vesselseg.cli import cli
+
+    path = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["loss"] = "ce"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(cli, ["--params", str(path), "params", "check"])
+    assert res.exit_code != 0 and "model.out_channels" in str(res.exception)

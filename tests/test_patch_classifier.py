@@ -12,20 +12,15 @@ import torch
 from torch import nn
 
 from tests.helpers import make_prepared
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.errors import ParamsError
-from vesselseg.layout import PreparedDataset
+from vesselseg.prepared import PreparedDataset
 from vesselseg.models import load_model
 from vesselseg.models.resnet_patch import ResNetPatch
-from vesselseg.params import ModelParams, TrainParams
+from vesselseg.params import ModelParams, PredictParams, TrainParams
 from vesselseg.patches import run_patches
-from vesselseg.training.patch_classifier import (
-    CentreBatches,
-    fit_patch_classifier,
-    grid_stride,
-    predict_patch_classifier,
-    predict_probability_map,
-)
+from vesselseg.families.resnet_patch import CentreBatches, grid_stride, predict_probability_map
+from vesselseg.inference.predict import run_predict
 
 torch.set_num_threads(1)
 
@@ -48,11 +43,15 @@ def _train(**kw) -> TrainParams:
 
 
 def _fit(tmp: Path, data: tuple[Path, Path], model: ModelParams, train: TrainParams) -> tuple[dict, dict[str, Path]]:
+    from vesselseg.families.base import TrainJob
+    from vesselseg.families.resnet_patch import FAMILY
+    from vesselseg.params import parse_params
+
     paths = {"model_path": tmp / "model.pt", "checkpoint_path": tmp / "ckpt.pt",
              "history_path": tmp / "history.csv", "metrics_path": tmp / "metrics.json"}
-    metrics = fit_patch_classifier(model=model, train=train, seed=0, prepared_dir=data[0], patch_dir=data[1],
-                                   logger=None, model_extra={"recipe": "resnet-patch"}, **paths)
-    return metrics, paths
+    job = TrainJob(params=parse_params({"seed": 0, "model": model, "train": train}), prepared_dir=data[0],
+                   patch_dir=data[1], model_extra={"recipe": "resnet-patch"}, **paths)
+    return FAMILY.fit(job), paths
 
 
 class CentreEcho(nn.Module):
@@ -111,15 +110,15 @@ def test_one_epoch_then_prediction_of_the_right_shape(tmp_path: Path, data: tupl
     assert meta["extra"]["recipe"] == "resnet-patch" and meta["config"]["width"] == 4
 
     out = tmp_path / "pred"
-    stats = predict_patch_classifier(model_path=paths["model_path"], prepared_dir=data[0], out_dir=out, device="cpu",
-                                     window=24, overlap=0.5, weighting="gaussian", batch_size=32, threshold=0.5)
+    stats = run_predict(model_path=paths["model_path"], prepared_dir=data[0], out_dir=out, device="cpu",
+                        predict=PredictParams(window=24, overlap=0.5, weighting="gaussian", batch_size=32, threshold=0.5))
     assert stats["stride"] == 3 and stats["n_images"] == 3
     ds = PreparedDataset(data[0])
     for split in ("val", "test"):
         for id_ in ds.ids(split):
             p = np.load(out / split / "probs" / f"{id_}.npy")
             assert p.shape == (40, 40) and p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
-            mask = io.read_image(out / split / "masks" / f"{id_}.png")
+            mask = imagefiles.read_image(out / split / "masks" / f"{id_}.png")
             np.testing.assert_array_equal(mask == 255, p >= 0.5)
             # at grid centres the map is the network's own output for that patch
             image = ds.load(id_).image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vesselseg.layout import Item
+from vesselseg.prepared import Item
 from vesselseg.patches import crop, extract_patches, sample_corners
 
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.inference import predict as predict_mod
-from vesselseg.inference import predict_image, resolve_device, run_predict
+from vesselseg.inference import predict_image, resolve_device
+from vesselseg.inference.predict import run_predict as _run_predict
+from vesselseg.params import PredictParams
 from vesselseg.inference.sliding_window import fit_window
-from vesselseg.layout import write_item
+from vesselseg.prepared import write_item
 
 torch.set_num_threads(1)
 
@@ -113,10 +114,33 @@ SPLIT = {"val": ["a"], "test": ["b", "c", "d"]}
 RUN = dict(window=20, overlap=0.5, weighting="gaussian", batch_size=8, threshold=0.4, device="cpu", amp=True)
 
 
+def run_predict(*, model_path: Path, prepared_dir: Path, out_dir: Path, device: str = "cpu", amp: bool = True,
+                splits: tuple[str, ...] = ("val", "test"), **predict: object) -> dict:
+    """The writer with predict.* as keywords; unvalidated, so run_predict's own checks are what is tested."""
+    return _run_predict(model_path=model_path, prepared_dir=prepared_dir, out_dir=out_dir, device=device, amp=amp,
+                        splits=splits, predict=PredictParams.model_construct(**{**PredictParams().model_dump(), **predict}))
+
+
+def _fake_model(monkeypatch: pytest.MonkeyPatch, model_path: Path, net: nn.Module | None, in_channels: int = 1,
+                loaded: list[Path] | None = None) -> None:
+    """Make ``model_path`` load as ``net`` through the U-Net family's predictor (the file is a stub)."""
+    from vesselseg.families.unet import FAMILY, WindowPredictor
+
+    model_path.write_bytes(b"stub")
+
+    def load_predictor(path: Path, *, predict: PredictParams, device: str, amp: bool) -> WindowPredictor:
+        if loaded is not None:
+            loaded.append(path)
+        return WindowPredictor(net, {"config": {"in_channels": in_channels}}, predict, resolve_device(device), amp)
+
+    monkeypatch.setattr("vesselseg.families.family_of_model_file", lambda path: FAMILY)
+    monkeypatch.setattr(FAMILY, "load_predictor", load_predictor)
+
+
 def test_run_predict_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
     net = _pointwise(1, 1, seed=5)
-    monkeypatch.setattr(predict_mod, "_load_model", lambda path, device: (net, {"config": {"in_channels": 1}}))
+    _fake_model(monkeypatch, tmp_path / "m.pt", net)
     out = tmp_path / "pred"
     (out / "test" / "probs").mkdir(parents=True)
     (out / "test" / "probs" / "stale.npy").write_bytes(b"old")  # a previous run's image no longer in the split
@@ -131,9 +155,9 @@ def test_run_predict_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         for id_ in ids:
             probs = np.load(out / split / "probs" / f"{id_}.npy")
             assert probs.dtype == np.float32 and probs.shape == SIZES[id_]
-            image = io.read_image(prepared / "images" / f"{id_}.png")
+            image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
             np.testing.assert_allclose(probs, _sigmoid(_logits_np(net, image)[0]), atol=1e-6, rtol=0)
-            mask = io.read_image(out / split / "masks" / f"{id_}.png")
+            mask = imagefiles.read_image(out / split / "masks" / f"{id_}.png")
             assert set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask == 255, probs >= RUN["threshold"])
     assert not list(out.rglob(".tmp-*"))
@@ -160,7 +184,7 @@ def test_run_predict_with_saved_unet(tmp_path: Path, channels_last: bool) -> Non
     for id_ in SPLIT["test"]:
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
         assert probs.shape == SIZES[id_] and 0.0 <= probs.min() and probs.max() <= 1.0
-        image = io.read_image(prepared / "images" / f"{id_}.png")
+        image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
         nchw = predict_image(model, image, **kw)
         nhwc = predict_image(model_cl, image, channels_last=True, **kw)
         np.testing.assert_array_equal(probs, nhwc if channels_last else nchw)
@@ -170,7 +194,7 @@ def test_run_predict_with_saved_unet(tmp_path: Path, channels_last: bool) -> Non
 def test_run_predict_checks_every_image_before_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
     loaded: list[Path] = []
-    monkeypatch.setattr(predict_mod, "_load_model", lambda path, device: loaded.append(path))
+    _fake_model(monkeypatch, tmp_path / "m.pt", None, loaded=loaded)
     out = tmp_path / "pred"
     with pytest.raises(ParamsError, match=r"predict\.overlap must be >= 0 and < 1, got 1\.5"):
         run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=out, **{**RUN, "overlap": 1.5})
@@ -186,7 +210,7 @@ def test_run_predict_channel_mismatch_and_missing_model(tmp_path: Path, monkeypa
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
     with pytest.raises(DataError, match=r"m\.pt: model file not found"):
         run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **RUN)
-    monkeypatch.setattr(predict_mod, "_load_model", lambda path, device: (_pointwise(3, 1), {"config": {"in_channels": 3}}))
+    _fake_model(monkeypatch, tmp_path / "m.pt", _pointwise(3, 1), in_channels=3)
     with pytest.raises(DataError, match=r"a\.png: image has 1 channel\(s\) but the model expects 3"):
         run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **RUN)
 
@@ -217,9 +241,9 @@ def test_cuda_matches_cpu() -> None:
 def test_run_predict_whole_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
     net = _pointwise(1, 1, seed=6)
-    monkeypatch.setattr(predict_mod, "_load_model", lambda path, device: (net, {"config": {"in_channels": 1}}))
+    _fake_model(monkeypatch, tmp_path / "m.pt", net)
     run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **{**RUN, "window": None})
     for id_ in SPLIT["test"]:  # image c (20x20) is smaller than the 24 px window that fails above
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
-        image = io.read_image(prepared / "images" / f"{id_}.png")
+        image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
         np.testing.assert_allclose(probs, _sigmoid(_logits_np(net, image)[0]), atol=1e-6, rtol=0)

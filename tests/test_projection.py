@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.preprocess.projection import (
     SlabError,
@@ -121,7 +121,7 @@ def test_natural_sort_puts_10_after_2(tmp_path: Path) -> None:
     n = 12
     vol = np.stack([np.full((4, 3), 10 * k, np.uint8) for k in range(1, n + 1)])  # file k holds 10*k
     write_volume(tmp_path / "v", vol)
-    slices = io.list_slices(tmp_path / "v")
+    slices = imagefiles.list_slices(tmp_path / "v")
     assert [p.name for p in slices][:3] == ["1.bmp", "2.bmp", "3.bmp"] and slices[9].name == "10.bmp"
     out = project_volume(slices, method="mean")
     np.testing.assert_array_equal(out[0], 10.0 * np.arange(1, n + 1))

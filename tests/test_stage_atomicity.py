@@ -387,3 +387,48 @@ def test_sweep_removes_only_leftovers_of_dead_processes(tmp_path: Path) -> None:
     (other / f".tmp-{dead}-x.npy").write_bytes(b"")
     atomic.write_text(other / "x.txt", "ok")
     assert sorted(p.name for p in other.iterdir()) == ["x.txt"]
+
+
+IPN: dict[str, Any] = {"model.name": "ipn", "prepare.volumes": True, "prepare.volume_depth": 4, "model.ipn.channels": 2,
+                       "model.ipn.n_blocks": 1, "model.ipn.block": 8, "train.epochs": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["mid:3", "before:last"])
+def test_kill_of_ipn_predict_leaves_old_new_or_nothing(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The IPN goes through the same prediction writer: the whole data/predictions is swapped at once."""
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    out = "data/predictions"
+    a = tmp_path / "a"
+    a.mkdir()
+    write_params(a, IPN)
+    for stage in ("download", "prepare", "patches", "train", "predict"):
+        run_inprocess(a, stage)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    write_params(b, {**IPN, **CHANGE["predict"]})
+    replaces: list[list[str]] = []
+    real = os.replace
+
+    def recording(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real(src, dst, *args, **kwargs)
+        replaces.append([os.path.relpath(os.fspath(src), b), os.path.relpath(os.fspath(dst), b)])
+
+    monkeypatch.setattr(os, "replace", recording)
+    run_inprocess(b, "predict")
+    monkeypatch.setattr(os, "replace", real)
+    old, new = fingerprint(a / out), fingerprint(b / out)
+    assert old != new
+
+    work = tmp_path / "w"
+    shutil.copytree(a, work)
+    write_params(work, {**IPN, **CHANGE["predict"]})
+    code, _, err = run_killed(work, "predict", _moment(spec, {"replace": replaces}))
+    assert code == -signal.SIGKILL, f"not killed (exit {code})\n{err[-2000:]}"
+    assert fingerprint(work / out) in {None, old, new}
+    for path in (work / out).rglob("*") if (work / out).is_dir() else []:
+        if path.is_file() and not any(_hidden_temp(s) for s in path.relative_to(work).parts):
+            assert_complete(path)
+    run_inprocess(work, "predict")
+    assert fingerprint(work / out) == new and not [p for p in work.rglob("*") if _hidden_temp(p.name)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage.morphology import skeletonize
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.data.synthetic_fundus import drive_ids, generate_fundus_dataset, synthesize_fundus
 from vesselseg.data.synthetic_octa import generate_octa_dataset, synthesize_subject
 from vesselseg.data.vessel_tree import Origin, border_origins, disc_origins, draw_vessel_tree
@@ -109,11 +109,11 @@ def test_octa_layout_shapes_and_label(tmp_path: Path) -> None:
     ids = generate_octa_dataset(root, seed=0, **OCTA)  # type: ignore[arg-type]
     assert sorted(p.name for p in (root / "OCTA").iterdir()) == sorted(ids)
     for sid in ids:
-        slices = io.list_slices(root / "OCTA" / sid)
+        slices = imagefiles.list_slices(root / "OCTA" / sid)
         assert [p.name for p in slices] == [f"{k}.bmp" for k in range(1, OCTA["n_bscans"] + 1)]  # type: ignore[operator]
-        bscan = io.read_image(slices[0])
+        bscan = imagefiles.read_image(slices[0])
         assert bscan.shape == (OCTA["depth"], OCTA["width"]) and bscan.dtype == np.uint8
-        gt = io.read_image(root / "GT" / f"{sid}.bmp")
+        gt = imagefiles.read_image(root / "GT" / f"{sid}.bmp")
         assert gt.shape == (OCTA["width"], OCTA["n_bscans"])
         assert set(np.unique(gt).tolist()) == {0, 255}
         assert 0.05 <= (gt > 0).mean() <= 0.25
@@ -125,8 +125,8 @@ def test_octa_vessels_live_in_the_slab(tmp_path: Path) -> None:
     ids = generate_octa_dataset(root, seed=1, **OCTA)  # type: ignore[arg-type]
     slab_scores, full_scores = [], []
     for sid in ids:
-        slices = io.list_slices(root / "OCTA" / sid)
-        label = io.read_mask(root / "GT" / f"{sid}.bmp")
+        slices = imagefiles.list_slices(root / "OCTA" / sid)
+        label = imagefiles.read_mask(root / "GT" / f"{sid}.bmp")
         slab = project_volume(slices, method="mean", slab=OCTA["slab"])  # type: ignore[arg-type]
         full = project_volume(slices, method="mean")
         assert slab.shape == label.shape
@@ -184,10 +184,10 @@ def test_fundus_layout_and_determinism(tmp_path: Path) -> None:
         ]
     )
     root = tmp_path / "a" / "training"
-    img = io.read_image(root / "images" / "03_training.tif")
+    img = imagefiles.read_image(root / "images" / "03_training.tif")
     assert img.shape == (96, 96, 3) and img.dtype == np.uint8
-    label = io.read_mask(root / "1st_manual" / "03_manual1.gif", img.shape[:2])
-    fov = io.read_mask(root / "mask" / "03_training_mask.gif", img.shape[:2], "FOV mask")
+    label = imagefiles.read_mask(root / "1st_manual" / "03_manual1.gif", img.shape[:2])
+    fov = imagefiles.read_mask(root / "mask" / "03_training_mask.gif", img.shape[:2], "FOV mask")
     assert label.any() and fov.any() and not (label & ~fov).any()
 
 

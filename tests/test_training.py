@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import ROOT, make_prepared
-from vesselseg.params import ModelParams, TrainParams
+from tests.helpers import ROOT, fit_family, make_prepared
 from vesselseg.patches import run_patches
 
 torch.set_num_threads(1)
 
-MODEL = ModelParams(depth=2, base_channels=4, batch_norm=True, dropout=0.1).network_config()
+MODEL = {"depth": 2, "base_channels": 4, "batch_norm": True, "dropout": 0.1}
 
 
 def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
@@ -34,13 +33,9 @@ def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
 
 
 def _fit(tmp: Path, prepared: Path, patches: Path, tag: str, model=MODEL, **train_kw):
-    from vesselseg.training.loop import fit
-
-    params = TrainParams(**{"epochs": 3, "batch_size": 8, "lr": 3e-3, "threads": 1, "patience": 50, **train_kw})
+    train = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "threads": 1, "patience": 50, **train_kw}
     out = tmp / tag
-    metrics = fit(model_config=model, params=params, seed=0, patch_dir=patches, prepared_dir=prepared,
-                  model_path=out / "model.pt", checkpoint_path=out / "ckpt.pt",
-                  history_path=out / "history.csv", metrics_path=out / "metrics.json")
+    metrics = fit_family(out, prepared, patches, model=model, train=train)
     return out, metrics
 
 
@@ -113,7 +108,7 @@ from tests.test_training import _fit, MODEL_DDP
 tmp = Path(sys.argv[1])
 _fit(tmp, tmp / "prepared", tmp / "patches", "ddp", model=MODEL_DDP, loss="bce", flip=False, rotate90=False)
 """
-MODEL_DDP = ModelParams(depth=2, base_channels=4, batch_norm=False, dropout=0.0).network_config()
+MODEL_DDP = {"depth": 2, "base_channels": 4, "batch_norm": False, "dropout": 0.0}
 
 
 def _free_port() -> int:
@@ -150,7 +145,7 @@ def test_valid_padding_unet_trains_on_cropped_targets(tmp_path: Path) -> None:
     run_patches(prepared_dir=prepared, out_dir=patches, size=44, per_image=8, val_per_image=4,
                 sampling="foreground", foreground_fraction=0.5, augment_copies=0, rotate_limit=0, scale_limit=0,
                 seed=0)
-    model = ModelParams(depth=1, base_channels=4, padding="valid", upsampling="transpose").network_config()
+    model = {"depth": 1, "base_channels": 4, "padding": "valid", "upsampling": "transpose"}
     out, metrics = _fit(tmp_path, prepared, patches, "valid", model=model, loss="bce", epochs=2)
     assert (out / "model.pt").is_file() and metrics["epochs_run"] == 2
     assert 0.0 <= metrics["best_val_dice"] <= 1.0

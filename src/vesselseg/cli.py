@@ -21,7 +21,7 @@ import click
 
 from vesselseg.errors import VesselsegError
 from vesselseg.log import setup_logging
-from vesselseg.params import CLASSICAL_MODELS, Params, load_params
+from vesselseg.params import Params, load_params
 
 log = logging.getLogger("vesselseg")
 
@@ -135,34 +135,22 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
           metrics: Path) -> None:
     """Train model.name; keep the best epoch by validation score; resume after a kill.
 
-    U-Nets train on the patches; `ipn` on the prepared volumes; `resnet_patch` on
-    patch centres; `knn`/`vesselness` fit on the prepared training images.
+    Each model family (src/vesselseg/families/) decides what it trains on: U-Nets on
+    the patches, `ipn` on the prepared volumes, `resnet_patch` on patch centres,
+    `knn`/`vesselness` on the prepared training images.
     """
+    from vesselseg.families import get_family
+    from vesselseg.families.base import TrainJob
+
     p = c.params
-    name = p.model.name
-    # no run id or time in the model file: equal params must give a byte-identical file
-    extra = {"recipe": p.recipe, "dataset": p.data.dataset}
-    paths = dict(prepared_dir=prepared, model_path=model_path, history_path=history, metrics_path=metrics)
     with _timed("train"), _tracked("train", p) as run:
-        if name in CLASSICAL_MODELS:
-            from vesselseg.baselines.runner import fit_classical
-
-            result = fit_classical(model=p.model, seed=p.seed, **paths)
-        elif name == "ipn":
-            from vesselseg.training.ipn import fit_ipn
-
-            result = fit_ipn(model=p.model, train=p.train, seed=p.seed, checkpoint_path=checkpoint, logger=run,
-                             model_extra=extra, **paths)
-        elif name == "resnet_patch":
-            from vesselseg.training.patch_classifier import fit_patch_classifier
-
-            result = fit_patch_classifier(model=p.model, train=p.train, seed=p.seed, patch_dir=patch_dir,
-                                          checkpoint_path=checkpoint, logger=run, model_extra=extra, **paths)
-        else:
-            from vesselseg.training.loop import fit
-
-            result = fit(model_config=p.model.network_config(), params=p.train, seed=p.seed, patch_dir=patch_dir,
-                         checkpoint_path=checkpoint, logger=run, model_extra=extra, **paths)
+        job = TrainJob(
+            params=p, prepared_dir=prepared, patch_dir=patch_dir, model_path=model_path, checkpoint_path=checkpoint,
+            history_path=history, metrics_path=metrics, logger=run,
+            # no run id or time in the model file: equal params must give a byte-identical file
+            model_extra={"recipe": p.recipe, "dataset": p.data.dataset},
+        )
+        result = get_family(p.model.name).fit(job)
         run.log_metrics({f"final.{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
         run.log_artifact(history)
         run.log_model(model_path)
@@ -176,33 +164,14 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
 def predict(c: Ctx, model_path: Path, prepared: Path, out: Path) -> None:
     """Predict full validation and test images (sliding windows for networks).
 
-    Which predictor runs is read from the model file itself, not from params.yaml.
+    Which model family predicts is read from the model file itself, not from params.yaml.
     """
-    from vesselseg.models import model_kind
+    from vesselseg.inference.predict import run_predict
 
     p = c.params
-    kind = model_kind(model_path)
     with _timed("predict"):
-        if kind in CLASSICAL_MODELS:
-            from vesselseg.baselines.runner import predict_classical
-
-            predict_classical(model_path=model_path, prepared_dir=prepared, out_dir=out,
-                              threshold=p.predict.threshold)
-        elif kind == "ipn":
-            from vesselseg.inference.ipn_predict import run_predict_ipn
-
-            run_predict_ipn(model_path=model_path, prepared_dir=prepared, out_dir=out, device=p.train.device,
-                            amp=p.train.amp, **p.predict.model_dump())
-        elif kind == "resnet_patch":
-            from vesselseg.training.patch_classifier import predict_patch_classifier
-
-            predict_patch_classifier(model_path=model_path, prepared_dir=prepared, out_dir=out,
-                                     device=p.train.device, **p.predict.model_dump())
-        else:
-            from vesselseg.inference.predict import run_predict
-
-            run_predict(model_path=model_path, prepared_dir=prepared, out_dir=out, device=p.train.device,
-                        amp=p.train.amp, **p.predict.model_dump())
+        run_predict(model_path=model_path, prepared_dir=prepared, out_dir=out, predict=p.predict,
+                    device=p.train.device, amp=p.train.amp)
 
 
 @cli.command()

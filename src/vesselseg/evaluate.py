@@ -2,7 +2,7 @@
 
 Inputs::
 
-    <prepared_dir>/{images,labels,fov}/<id>.png, split.json   (vesselseg.layout)
+    <prepared_dir>/{images,labels,fov}/<id>.png, split.json   (vesselseg.prepared)
     <predictions_dir>/<split>/probs/<id>.npy                  float (H, W) in [0, 1]
 
 Outputs (every one written atomically, and only after every image was read and
@@ -34,9 +34,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from vesselseg import atomic, figures, io
+from vesselseg import atomic, figures, imagefiles
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.layout import SPLITS, PreparedDataset
+from vesselseg.prepared import SPLITS, PreparedDataset
 from vesselseg.metrics import DEFAULT_BINS, METRIC_NAMES, Curve, MetricAccumulator
 
 __all__ = ["FLOAT_FORMAT", "PER_IMAGE_COLUMNS", "run_evaluate"]
@@ -205,7 +205,7 @@ def run_evaluate(
     _write_csv(Path(plots_dir) / "pr.csv", pr)
     with atomic.atomic_dir(overlays_dir) as tmp:
         for id_, panel in overlays.items():
-            io.write_png(tmp / f"{id_}.png", panel)
+            imagefiles.write_png(tmp / f"{id_}.png", panel)
     for split, values in metrics.items():
         log.info(
             "%s: dice %.4f  auc %s  (%d images)",

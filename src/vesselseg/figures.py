@@ -7,14 +7,12 @@ bytes on every run, so DVC does not see a changed output when nothing changed.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from vesselseg import io
 
-__all__ = ["COLORS", "overlay", "write_overlay"]
+__all__ = ["COLORS", "overlay"]
 
 #: Error-map colours (RGB).  Magenta/green stays distinguishable for the common
 #: red-green colour blindness, unlike red/green.
@@ -108,16 +106,3 @@ def overlay(
             _text(canvas, name, x + 13, y0 + 9)
             x += 45
     return canvas
-
-
-def write_overlay(
-    path: Path | str,
-    image: np.ndarray,
-    pred: np.ndarray,
-    target: np.ndarray,
-    fov: np.ndarray | None = None,
-    *,
-    probs: np.ndarray | None = None,
-) -> None:
-    """Compose :func:`overlay` and write it as PNG, atomically."""
-    io.write_png(path, overlay(image, pred, target, fov, probs=probs))

@@ -34,6 +34,3 @@ def batch_to_input(patches: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected (N, H, W) or (N, H, W, C) patches, got shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
 
-
-def n_channels(image: np.ndarray) -> int:
-    return 1 if image.ndim == 2 else int(image.shape[-1])

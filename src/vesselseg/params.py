@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vesselseg.errors import ParamsError
+from vesselseg.registry import FAMILIES
 
 DATASETS = (
     "synthetic",
@@ -143,12 +144,8 @@ class ResnetPatchParams(_Section):
     weights: str | None = None
 
 
-TORCH_MODELS = ("unet", "ipn", "resnet_patch")
-CLASSICAL_MODELS = ("knn", "vesselness")
-
-
 class ModelParams(_Section):
-    name: Literal["unet", "ipn", "resnet_patch", "knn", "vesselness"] = "unet"
+    name: Literal[tuple(FAMILIES)] = "unet"  # type: ignore[valid-type]
     depth: int = Field(3, ge=1, le=7)
     base_channels: int = Field(16, ge=1)
     batch_norm: bool = True
@@ -162,22 +159,6 @@ class ModelParams(_Section):
     vesselness: VesselnessParams = VesselnessParams()
     ipn: IpnParams = IpnParams()
     resnet_patch: ResnetPatchParams = ResnetPatchParams()
-
-    def network_config(self) -> dict[str, Any]:
-        """The constructor keywords of the chosen network (what the model file stores)."""
-        base = {"name": self.name, "in_channels": self.in_channels}
-        if self.name == "unet":
-            keys = ("depth", "base_channels", "batch_norm", "dropout", "upsampling", "padding", "input_norm",
-                    "out_channels")
-            return {**base, **{k: getattr(self, k) for k in keys}}
-        if self.name == "ipn":
-            # the input depth is the prepared volumes' (prepare.volume_depth): the
-            # IPN trainer adds it from the data rather than keeping a second setting
-            return {**base, "out_channels": self.out_channels, "channels": self.ipn.channels,
-                    "n_blocks": self.ipn.n_blocks}
-        if self.name == "resnet_patch":
-            return {**base, "width": self.resnet_patch.width}
-        raise ValueError(f"model.name={self.name!r} is not a neural network")
 
 
 class TrainParams(_Section):
@@ -197,6 +178,7 @@ class TrainParams(_Section):
     val_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     val_window: int | None = Field(None, ge=8)
     val_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    val_weighting: Literal["constant", "gaussian"] = "gaussian"
     flip: bool = True
     rotate90: bool = True
     threads: int = Field(0, ge=0)
@@ -236,6 +218,40 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "Params":
+        """The rules that tie ``model`` to ``train`` and ``prepare``: refused here, before any work.
+
+        Each message names both keys.  The facts per family (allowed losses, two
+        classes, one input channel, volumes) are declared in the family registry
+        (:mod:`vesselseg.families`), so a new family brings its own constraints.
+        """
+        m, t, prep = self.model, self.train, self.prepare
+        fam = FAMILIES[m.name]
+        if fam.losses is not None and t.loss not in fam.losses:
+            raise ValueError(f"train.loss: {t.loss!r} is not supported by model.name {m.name!r} "
+                             f"(use {' or '.join(map(repr, fam.losses))})")
+        if m.out_channels == 2 and not fam.two_class:
+            raise ValueError(f"model.out_channels: 2 is not supported by model.name {m.name!r} (set 1)")
+        if fam.neural and (t.loss == "ce") != (m.out_channels == 2):
+            if t.loss == "ce":
+                raise ValueError("train.loss: 'ce' needs model.out_channels: 2 (two classes with softmax)")
+            raise ValueError(f"model.out_channels: 2 needs train.loss: 'ce' (got {t.loss!r}, a one-output loss)")
+        if fam.one_channel and m.in_channels != 1:
+            raise ValueError(f"model.in_channels: model.name {m.name!r} reads one-channel inputs (set 1)")
+        if fam.one_channel and prep.channel == "rgb":
+            raise ValueError(f"prepare.channel: 'rgb' gives 3-channel images but model.name {m.name!r} reads "
+                             "one channel (use green or grey)")
+        if fam.needs_volumes and not prep.volumes:
+            raise ValueError(f"prepare.volumes: model.name {m.name!r} trains on prepared volumes (set true)")
+        if fam.neural and not fam.one_channel and (prep.channel == "rgb") != (m.in_channels == 3):
+            if prep.channel == "rgb":
+                raise ValueError(f"model.in_channels: prepare.channel 'rgb' gives 3 channels (got {m.in_channels}; "
+                                 "set 3)")
+            raise ValueError(f"model.in_channels: {m.in_channels} needs prepare.channel: rgb "
+                             f"({prep.channel!r} gives 1 channel)")
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``train.lr``) as MLflow and DVC show params."""
         return flatten(self.model_dump(mode="json"))
@@ -254,13 +270,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _format_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (typo?)"
     got = first.get("input")
     got_txt = "" if isinstance(got, dict) or first["type"] == "extra_forbidden" else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    if not loc:  # a rule across sections names its keys itself
+        return f"{path}: {msg}{more}"
     return f"{path}: {loc}: {msg}{got_txt}{more}"
 
 

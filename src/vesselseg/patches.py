@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vesselseg import atomic
 from vesselseg.augment import offline_augmenter
 from vesselseg.errors import DataError
-from vesselseg.layout import Item, PreparedDataset
+from vesselseg.prepared import Item, PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +145,14 @@ def _check_sizes(ds: PreparedDataset, size: int) -> None:
     Reads only headers (PIL), so a bad size among many images fails in a second
     instead of after the other images were loaded.
     """
-    from PIL import Image
+    from vesselseg.imagefiles import image_size
 
     for split in ("train", "val"):
         for id_ in ds.ids(split):
             path = ds.paths(id_)[0]
             if not path.is_file():
                 raise DataError(f"{path}: file not found; run the prepare stage again")
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except Exception as err:  # PIL raises several types for an unreadable file
-                raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
+            h, w = image_size(path)
             if size > h or size > w:
                 raise DataError(f"{path}: image {w}x{h} is smaller than patches.size={size}; lower patches.size to at most {min(h, w)}")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vesselseg import atomic, io
+from vesselseg import atomic, imagefiles
 from vesselseg.data.sample import RawSample
 from vesselseg.errors import DataError
-from vesselseg.layout import SPLITS, write_item
+from vesselseg.prepared import SPLITS, write_item
 from vesselseg.params import DataParams, PrepareParams
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,15 @@ def prepare_image(sample: RawSample, prepare: PrepareParams) -> tuple[np.ndarray
     from vesselseg.preprocess.projection import project_volume
 
     if sample.volume is not None:
-        slices = io.list_slices(sample.volume)
+        slices = imagefiles.list_slices(sample.volume)
         proj = project_volume(slices, method=prepare.projection, slab=prepare.slab)
         image = to_uint8_projection(proj)
     else:
         assert sample.image is not None
-        image = select_channel(io.read_image(sample.image), prepare.channel)
+        image = select_channel(imagefiles.read_image(sample.image), prepare.channel)
     shape = image.shape[:2]
-    label = io.read_mask(sample.label, shape, "label")
-    fov = io.read_mask(sample.fov, shape, "FOV mask") if sample.fov is not None else np.ones(shape, dtype=bool)
+    label = imagefiles.read_mask(sample.label, shape, "label")
+    fov = imagefiles.read_mask(sample.fov, shape, "FOV mask") if sample.fov is not None else np.ones(shape, dtype=bool)
     if not fov.any():
         raise DataError(f"{sample.fov}: FOV mask is empty")
     if prepare.scale != 1.0:
@@ -140,7 +140,7 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
 
                 # (depth, width, n_bscans): depth first so windows over the en-face
                 # plane see it as channels, the layout IPN prediction slides over
-                volume = load_volume(io.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab)
+                volume = load_volume(imagefiles.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab)
                 atomic.write_npy(tmp / "volumes" / f"{sample.id}.npy", volume)
         atomic.write_json(tmp / "split.json", {"dataset": data.dataset, **splits})
     counts = {k: len(v) for k, v in splits.items()}

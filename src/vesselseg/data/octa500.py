@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from vesselseg import atomic, io
+from vesselseg import atomic, imagefiles
 from vesselseg.data.adapters import building, copy_files, find_dir, missing_error, require_raw, scratch_dir, split_source, unpack_sources
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, ParamsError
@@ -115,7 +115,7 @@ class Octa500Adapter:
         pairs: list[tuple[Path, Path]] = []
         for i, src in sorted(subjects.items()):
             if projection == VOLUME:
-                slices = io.list_slices(src)
+                slices = imagefiles.list_slices(src)
                 pairs += [(s, tmp / "volumes" / str(i) / s.name) for s in slices]
             else:
                 pairs.append((src, tmp / "images" / f"{i}.bmp"))
@@ -196,7 +196,7 @@ class SyntheticOctaAdapter:
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
-        subjects = sorted((d for d in (raw / "OCTA").glob("*") if d.is_dir()), key=io.natural_key)
+        subjects = sorted((d for d in (raw / "OCTA").glob("*") if d.is_dir()), key=imagefiles.natural_key)
         missing = [f"GT/{d.name}.bmp" for d in subjects if not (raw / "GT" / f"{d.name}.bmp").is_file()]
         if missing:
             raise missing_error(raw, missing, self.name)

@@ -7,7 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.data.adapters import building, copy_files, find_dir, require_raw, scratch_dir, split_source, unpack_sources
 from vesselseg.data.sample import RawSample
 from vesselseg.errors import DataError, ParamsError
@@ -44,7 +44,7 @@ def _lgg_pairs(root: Path) -> tuple[list[tuple[str, str, Path, Path]], list[str]
             (masks if m["mask"] else images)[f"{m['patient']}_{m['n']}"] = f
         unpaired += [str(p.relative_to(root)) for k, p in images.items() if k not in masks]
         unpaired += [str(p.relative_to(root)) for k, p in masks.items() if k not in images]
-        for k in sorted(images.keys() & masks.keys(), key=lambda s: io.natural_key(s)):
+        for k in sorted(images.keys() & masks.keys(), key=lambda s: imagefiles.natural_key(s)):
             pairs.append((patient.name, k, images[k], masks[k]))
     return pairs, sorted(unpaired)
 
@@ -115,7 +115,7 @@ def _keyed(files: list[Path], role: str, root: Path) -> dict[str, Path]:
 
 
 def _image_files(paths: list[str]) -> list[Path]:
-    return sorted(Path(p) for p in paths if Path(p).is_file() and Path(p).suffix.lower() in io.IMAGE_SUFFIXES)
+    return sorted(Path(p) for p in paths if Path(p).is_file() and Path(p).suffix.lower() in imagefiles.IMAGE_SUFFIXES)
 
 
 class FolderAdapter:
@@ -170,4 +170,4 @@ def _pair(root: Path, found: dict[str, list[Path]]) -> list[RawSample]:
         raise _listing_error(root, "unpaired file(s) (pairing strips suffixes like _mask, _label, _manual1 from stems)", unpaired)
     if not images:
         raise DataError(f"{root}: no images found")
-    return [RawSample(id=k, image=images[k], label=labels[k], fov=fovs[k] if fovs else None) for k in sorted(images, key=io.natural_key)]
+    return [RawSample(id=k, image=images[k], label=labels[k], fov=fovs[k] if fovs else None) for k in sorted(images, key=imagefiles.natural_key)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.data.adapters import (
     building,
     copy_files,
@@ -167,7 +167,7 @@ def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, 
 
 def _write_fov(image_path: Path, out: Path) -> None:
     try:
-        io.write_png(out, fov_from_image(io.read_image(image_path)))
+        imagefiles.write_png(out, fov_from_image(imagefiles.read_image(image_path)))
     except DataError as err:
         raise DataError(f"{image_path}: {err}") from None
 
@@ -378,7 +378,7 @@ class RetinaKaggleAdapter:
                     mask, soft = _binarize(masks[stem])
                     n_soft += soft
                     n += 1
-                    io.write_png(tmp / "labels" / f"{id_}.png", mask)
+                    imagefiles.write_png(tmp / "labels" / f"{id_}.png", mask)
                     _write_fov(tmp / "images" / f"{id_}.png", tmp / "fov" / f"{id_}.png")
             if unpaired:
                 raise DataError(f"{root}: files without a partner image/mask: {', '.join(unpaired[:12])}")
@@ -403,7 +403,7 @@ def _mkparent(path: Path) -> Path:
 
 def _binarize(path: Path) -> tuple[np.ndarray, bool]:
     """(mask as bool, whether it had more than two grey levels), read without io's per-file warning."""
-    arr = io.read_image(path)
+    arr = imagefiles.read_image(path)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     values = np.unique(arr)

@@ -1,16 +1,10 @@
 """The predict step: a trained model + prepared images -> probability maps and masks.
 
 Layered as nnU-Net's predictor is: :func:`run_predict` owns files (model, prepared
-folder, outputs), :func:`predict_image` owns one array, and the stitching core
-(:mod:`vesselseg.inference.sliding_window`) only sees tensors.
-
-Outputs, per split (``val``, ``test``)::
-
-    <out_dir>/<split>/probs/<id>.npy   float32 (H, W) in [0, 1]
-    <out_dir>/<split>/masks/<id>.png   {0, 255}: probs >= threshold
-
-Each split folder is built under a temporary name and swapped in whole, so stale
-predictions of images no longer in the split never survive a re-run.
+folder, outputs) for every model family, the family's predictor owns one item
+(:meth:`vesselseg.families.base.Family.load_predictor`), :func:`predict_image` owns one
+array for the 2D networks, and the stitching core (:mod:`vesselseg.inference.sliding_window`)
+only sees tensors.
 """
 
 from __future__ import annotations
@@ -25,21 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from vesselseg import atomic, io
-from vesselseg.device import amp_dtype, resolve_device, to_channels_last
+from vesselseg import atomic, imagefiles
+from vesselseg.device import amp_dtype, resolve_device
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference.sliding_window import fit_window, sliding_window_inference, validate_args
-from vesselseg.layout import PreparedDataset
 from vesselseg.normalize import image_to_input
+from vesselseg.params import PredictParams
+from vesselseg.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["amp_dtype", "predict_image", "resolve_device", "run_predict"]
-
-
+__all__ = ["amp_dtype", "foreground_probability", "predict_image", "resolve_device", "run_predict"]
 
 
 def _probability_predictor(
@@ -131,81 +123,60 @@ def predict_image(
     return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header only, so every image is checked before any work."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except Exception as err:  # PIL raises several types for unreadable files
-        raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
-    return height, width
-
-
-def _load_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from vesselseg.models import load_model  # imported late: torch-heavy, and owned by the models module
-
-    if not Path(model_path).is_file():
-        raise DataError(f"{model_path}: model file not found; run the train stage first")
-    model, meta = load_model(model_path, map_location="cpu")
-    return model.to(device), meta
-
-
 def run_predict(
     *,
     model_path: Path,
     prepared_dir: Path,
     out_dir: Path,
-    splits: Sequence[str] = ("val", "test"),
-    window: int | tuple[int, int] | None,
-    overlap: float,
-    weighting: str,
-    batch_size: int,
-    threshold: float,
+    predict: PredictParams,
     device: str = "auto",
     amp: bool = True,
-    channels_last: bool = True,
+    splits: Sequence[str] = ("val", "test"),
 ) -> dict[str, Any]:
-    """Predict every image of ``splits`` and write probability maps and masks.
+    """The one prediction writer: every image of ``splits``, by whichever family wrote the model.
 
-    All params and every image are checked before the model is loaded, so a bad
-    param or an unreadable file fails in a second, naming the file or the key.
-    ``window=None`` predicts each whole image in one forward pass; a window side longer
-    than an image side spans that side whole.
+    The family is read from the model file itself (never from params.yaml, which may
+    have changed since training).  Params and every input are checked before the
+    model is loaded, so a bad value or an unreadable file fails in a second, naming
+    the key or the file.  Outputs, per split::
+
+        <out_dir>/<split>/probs/<id>.npy   float32 (H, W) in [0, 1]
+        <out_dir>/<split>/masks/<id>.png   {0, 255}: probs >= predict.threshold
+
+    The whole ``out_dir`` is built under a temporary name and swapped in at once: a
+    kill or a full disk between two splits must not leave new ``val`` predictions
+    beside old ``test`` ones, and predictions of images no longer in a split never
+    survive a re-run.
 
     Returns timing stats: ``{"device", "amp_dtype", "n_images", "seconds_total",
     "seconds_per_image", "seconds_per_image_median", "splits": {split: {...}}}``, where
     per-image seconds cover the prediction only (not reading or writing files).
     """
+    from vesselseg.families import family_of_model_file
+
     try:
-        win = validate_args(window=window if window is not None else 1, overlap=overlap, weighting=weighting, batch_size=batch_size)
+        validate_args(window=predict.window if predict.window is not None else 1, overlap=predict.overlap,
+                      weighting=predict.weighting, batch_size=predict.batch_size)
     except ValueError as err:
         raise ParamsError(f"predict.{err}") from None
-    if not 0.0 < float(threshold) < 1.0:
-        raise ParamsError(f"predict.threshold must be > 0 and < 1, got {threshold!r}")
+    if not 0.0 < float(predict.threshold) < 1.0:
+        raise ParamsError(f"predict.threshold must be > 0 and < 1, got {predict.threshold!r}")
+    if not Path(model_path).is_file():
+        raise DataError(f"{model_path}: model file not found; run the train stage first")
     dataset = PreparedDataset(prepared_dir)
     ids = {split: dataset.ids(split) for split in splits}
-    for split, split_ids in ids.items():
-        for id_ in split_ids:
-            _image_size(dataset.paths(id_)[0])  # readable, with a header, before any work
-
-    dev = resolve_device(device)
-    model, meta = _load_model(Path(model_path), dev)
-    in_channels = (meta.get("config") or {}).get("in_channels")
-    model.eval()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one window shape per run: autotuning pays off
-    channels_last = channels_last and to_channels_last(model)
-    log.info("predicting %d images on %s (window %s, overlap %s, %s)", sum(map(len, ids.values())), dev, window or "whole image", overlap, weighting)
+    family = family_of_model_file(model_path)
+    family.check_inputs(dataset, [i for split_ids in ids.values() for i in split_ids])
+    predictor = family.load_predictor(Path(model_path), predict=predict, device=device, amp=amp)
+    n_total = sum(map(len, ids.values()))
+    log.info("predicting %d images with the %s model on %s (window %s, overlap %s, %s)", n_total, family.name,
+             predictor.device, predict.window or "whole image", predict.overlap, predict.weighting)
 
     t_start = time.perf_counter()
-    dtype = amp_dtype(dev, amp)
-    stats: dict[str, Any] = {"device": str(dev), "amp_dtype": str(dtype).removeprefix("torch.") if dtype else "float32", "splits": {}}
+    stats: dict[str, Any] = {"device": predictor.device, "amp_dtype": predictor.amp_dtype, **predictor.stats,
+                             "splits": {}}
     all_seconds: list[float] = []
-    bar = tqdm(total=sum(map(len, ids.values())), desc="predict", unit="img", disable=None)
-    # One atomic swap for the whole output folder: a kill or a full disk between two
-    # splits must not leave new val predictions beside old test ones.
+    bar = tqdm(total=n_total, desc=f"predict {family.name}", unit=predictor.unit, disable=None)
     try:
         with atomic.atomic_dir(Path(out_dir)) as root_tmp:
             for split, split_ids in ids.items():
@@ -214,21 +185,11 @@ def run_predict(
                 (tmp / "probs").mkdir(parents=True)
                 (tmp / "masks").mkdir()
                 for id_ in split_ids:
-                    img_path = dataset.paths(id_)[0]
-                    image = io.read_image(img_path)
-                    if in_channels is not None and (1 if image.ndim == 2 else image.shape[2]) != in_channels:
-                        raise DataError(
-                            f"{img_path}: image has {1 if image.ndim == 2 else image.shape[2]} channel(s) "
-                            f"but the model expects {in_channels} (model.in_channels)"
-                        )
                     t0 = time.perf_counter()
-                    probs = predict_image(
-                        model, image, window=None if window is None else win, overlap=overlap, weighting=weighting,
-                        batch_size=batch_size, device=dev, amp=amp, channels_last=channels_last,
-                    )
-                    seconds.append(time.perf_counter() - t0)  # .cpu() in predict_image synchronises CUDA
+                    probs = predictor(dataset, id_)
+                    seconds.append(time.perf_counter() - t0)  # .cpu() in the predictors synchronises CUDA
                     atomic.write_npy(tmp / "probs" / f"{id_}.npy", probs)
-                    io.write_png(tmp / "masks" / f"{id_}.png", probs >= threshold)
+                    imagefiles.write_png(tmp / "masks" / f"{id_}.png", probs >= predict.threshold)
                     bar.update(1)
                 all_seconds += seconds
                 stats["splits"][split] = {
@@ -241,5 +202,6 @@ def run_predict(
     stats["seconds_total"] = time.perf_counter() - t_start
     stats["seconds_per_image"] = statistics.fmean(all_seconds) if all_seconds else 0.0
     stats["seconds_per_image_median"] = statistics.median(all_seconds) if all_seconds else 0.0
-    log.info("predicted %d images in %.1f s (%.3f s per image)", stats["n_images"], stats["seconds_total"], stats["seconds_per_image"])
+    log.info("predicted %d images in %.1f s (%.3f s per image)", stats["n_images"], stats["seconds_total"],
+             stats["seconds_per_image"])
     return stats

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_FORMAT",
-    "MODELS",
     "IPN",
     "ResNetPatch",
     "UNet",
@@ -45,16 +44,31 @@ __all__ = [
     "count_parameters",
     "load_model",
     "load_weights_into",
+    "model_kind",
+    "network_class",
+    "read_model_file",
     "save_model",
     "valid_padding_predictor",
 ]
 
 MODEL_FORMAT = "vesselseg-model/1"
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "ipn": IPN, "resnet_patch": ResNetPatch}
+
+
+def network_class(name: str, where: str = "model.name") -> type[nn.Module]:
+    """The torch network of family ``name``, as the family registry declares it."""
+    import importlib
+
+    from vesselseg.registry import info
+
+    spec = info(name, where).network
+    if spec is None:
+        raise ParamsError(f"{where}: {name!r} is not a neural network (it has no torch model to build)")
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
-    """Build a network from ``{"name": ..., **kwargs}`` (params.yaml's ``model``).
+    """Build a network from ``{"name": ..., **kwargs}`` (what a family's network_config gives).
 
     Errors name the ``model.*`` key: an unknown name (with a did-you-mean), an
     unknown setting for that model, or a value the constructor rejects.
@@ -64,12 +78,10 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     kwargs = dict(config)
     name = kwargs.pop("name", None)
     if name is None:
-        raise ParamsError(f"model.name: missing (one of {sorted(MODELS)})")
-    if name not in MODELS:
-        close = difflib.get_close_matches(str(name), MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ParamsError(f"model.name: unknown model {name!r} (valid: {sorted(MODELS)}){hint}")
-    cls = MODELS[name]
+        from vesselseg.registry import family_names
+
+        raise ParamsError(f"model.name: missing (one of {sorted(family_names())})")
+    cls = network_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in kwargs:
         if key not in accepted:
@@ -124,7 +136,9 @@ def save_model(path: Path | str, model: nn.Module, config: Mapping[str, Any], ex
     log.debug("saved %s model to %s", obj["config"].get("name"), path)
 
 
-def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+def read_model_file(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The whole model file (weights included), checked to be a ``vesselseg-model/1`` dict."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: model file not found")
     try:
@@ -168,7 +182,7 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
     ``torch_version``.
     """
     path = Path(path)
-    obj = _read(path, map_location)
+    obj = read_model_file(path, map_location)
     config = obj["config"]
     try:
         model = build_model(config)
@@ -192,7 +206,7 @@ def load_weights_into(model: nn.Module, path: Path | str, map_location: str | to
     and the first differing keys/shapes.  Returns the file's meta.
     """
     path = Path(path)
-    obj = _read(path, map_location)
+    obj = read_model_file(path, map_location)
     problem = _mismatch(path, obj["state_dict"], model, f"this {type(model).__name__} (file config {obj['config']})")
     if problem:
         raise DataError(problem)
@@ -207,7 +221,7 @@ def model_kind(path: Path | str) -> str:
     ``config`` holding ``name``; classical models store arrays, never pickles.
     """
     path = Path(path)
-    obj = _read(path, "cpu")
+    obj = read_model_file(path, "cpu")
     config = obj.get("config") if isinstance(obj, dict) else None
     if not isinstance(config, dict) or "name" not in config:
         raise DataError(f"{path}: model file has no config name")

@@ -3,7 +3,7 @@
 The usual retinal-vessel recipe (green channel, CLAHE, gamma) with OpenCV's kernels.
 Conventions, fixed here once:
 
-- colour images are RGB (``vesselseg.io``'s convention), never BGR;
+- colour images are RGB (``vesselseg.imagefiles``'s convention), never BGR;
 - colour equalization works on the L channel of CIE L*a*b*, so hue is kept;
 - gamma follows the retinal-vessel literature (e.g. the retina-unet preprocessing):
   ``out = 255 * (in / 255) ** (1 / gamma)``, so ``gamma > 1`` brightens the dark

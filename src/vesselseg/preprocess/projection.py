@@ -10,7 +10,7 @@ For such files the pixel data is a plain array after a fixed header, so parsing 
 header with ``struct`` and reading the rows straight into a reused numpy buffer skips
 the decoder's allocation and copy, and a slab projection reads only the slab's rows.
 Anything else (compressed or colour BMP, PNG, TIFF, a non-grey palette) goes through
-OpenCV (tifffile for TIFF), as :mod:`vesselseg.io` does.  ``benchmarks/
+OpenCV (tifffile for TIFF), as :mod:`vesselseg.imagefiles` does.  ``benchmarks/
 bench_projection.py`` measures both against PIL and a naive stack-then-reduce loop.
 
 Memory: the output plus one slice buffer per worker; the volume is never stacked.

@@ -54,7 +54,3 @@ def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
 
-
-def shutdown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,8 +1,12 @@
-"""The training loop: a short skeleton of named steps (nnU-Net's shape, not its size).
+"""The one trainer and the one epoch loop every neural family shares.
 
-``fit`` = set up -> (resume) -> for each epoch: ``train_epoch`` -> ``validate`` ->
-``end_epoch`` (history, best model, checkpoint, early stopping).  Every
-hyperparameter arrives as an argument from ``params.yaml``; nothing is a literal here.
+:class:`Trainer` holds what a training run changes (weights, optimizer, scheduler,
+grad scaler, history, best epoch) and the train step; :func:`run_epochs` is the loop:
+for each epoch ``train_epoch`` -> scheduler -> the family's ``validate`` -> best
+weights, history, checkpoint, early stopping; at the end the best weights are saved.
+What differs between families (batches, validation, network) comes from the family's
+hooks (:class:`vesselseg.families.base.NetworkFamily`).  Every hyperparameter arrives
+from ``params.yaml``; nothing is a literal here.
 
 Determinism: the data order, augmentation and dropout of epoch ``e`` are seeded from
 ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1`` continues
@@ -16,9 +20,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,12 +31,9 @@ import torch
 from torch import nn
 
 from vesselseg import atomic
-from vesselseg.errors import DataError, ParamsError
-from vesselseg.layout import PreparedDataset
+from vesselseg.errors import DataError
 from vesselseg.params import TrainParams
-from vesselseg.patches import load_patches
 from vesselseg.training import checkpoint as ckpt
-from vesselseg.training.batches import PatchBatches
 from vesselseg.device import amp_dtype, resolve_device, set_threads, to_channels_last
 from vesselseg.training.distributed import World, barrier, broadcast_flag, init_world
 
@@ -109,11 +110,8 @@ class Trainer:
     ) -> None:
         self.params, self.seed, self.device, self.world = params, seed, device, world
         self.model_config = model_config
+        # train.loss 'ce' <-> model.out_channels 2 is a schema rule (vesselseg.params)
         self.two_class = int(model_config.get("out_channels", 1)) == 2
-        if params.loss == "ce" and not self.two_class:
-            raise ParamsError("train.loss: 'ce' needs model.out_channels: 2")
-        if self.two_class and params.loss != "ce":
-            raise ParamsError(f"train.loss: '{params.loss}' needs model.out_channels: 1 ('ce' is the two-class loss)")
         self.raw_model = model.to(device)
         # On the CPU too: NHWC convs are faster there for these nets (see to_channels_last).
         self.channels_last = params.channels_last and to_channels_last(self.raw_model)
@@ -183,7 +181,7 @@ class Trainer:
             self.scheduler.step()
         return {"loss": float(loss.detach()), "n": int(x.shape[0])}
 
-    def train_epoch(self, batches: PatchBatches, epoch: int, deadline: float = math.inf) -> float:
+    def train_epoch(self, batches: Any, epoch: int, deadline: float = math.inf) -> float:
         """Mean training loss of one epoch; cut short once ``deadline`` (monotonic) passes.
 
         All ranks check the same clock only under a cap (``train.max_minutes``); a
@@ -204,43 +202,6 @@ class Trainer:
         if self.world.distributed:
             torch.distributed.all_reduce(stats)
         return float(stats[0] / max(stats[1], 1.0))
-
-    @torch.inference_mode()
-    def val_loss(self, images: np.ndarray, labels: np.ndarray, fov: np.ndarray, batch_size: int) -> float:
-        from vesselseg.normalize import batch_to_input
-
-        self.raw_model.eval()
-        total, count = 0.0, 0
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(batch_to_input(images[s : s + batch_size]))
-            y = torch.from_numpy(np.asarray(labels[s : s + batch_size], dtype=np.float32))[:, None]
-            m = torch.from_numpy(np.asarray(fov[s : s + batch_size], dtype=np.float32))[:, None]
-            x, y, m = self._to_device(x, y, m)
-            with self._autocast():
-                logits = self.raw_model(x)
-            total += float(self._loss(logits, y, m)) * len(x)
-            count += len(x)
-        return total / max(count, 1)
-
-    @torch.inference_mode()
-    def val_scores(self, dataset: PreparedDataset) -> dict[str, float]:
-        """Dice and IoU pooled over the FOV pixels of the full validation images."""
-        from vesselseg.inference.predict import predict_image
-        from vesselseg.metrics import confusion, scores_from_confusion
-
-        self.raw_model.eval()
-        tp = fp = fn = tn = 0
-        for item in dataset.items("val"):
-            window = self.params.val_window  # None: the whole image in one pass
-            probs = predict_image(
-                self.raw_model, item.image, window=window, overlap=self.params.val_overlap,
-                weighting="gaussian", batch_size=self.params.batch_size, device=self.device,
-                amp=self.amp is not None, channels_last=self.channels_last,
-            )
-            c = confusion(probs >= self.params.val_threshold, item.label, item.fov)
-            tp, fp, fn, tn = tp + c[0], fp + c[1], fn + c[2], tn + c[3]
-        s = scores_from_confusion(tp, fp, fn, tn)
-        return {"dice": float(s["dice"]), "iou": float(s["iou"])}
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -275,72 +236,9 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
     df = pd.DataFrame(history, columns=HISTORY_COLUMNS)
     atomic.write_text(path, df.to_csv(index=False, float_format="%.6g"))
-
-
-def fit(
-    *,
-    model_config: dict[str, Any],
-    params: TrainParams,
-    seed: int,
-    patch_dir: Path,
-    prepared_dir: Path,
-    model_path: Path,
-    checkpoint_path: Path,
-    history_path: Path,
-    metrics_path: Path,
-    logger: EpochLogger | None = None,
-    model_extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train, keep the best model by validation score, return the training metrics."""
-    from vesselseg.losses import build_loss
-    from vesselseg.models import build_model, count_parameters
-
-    t0 = time.monotonic()
-    device, threads, world = setup_runtime(params, seed)
-    tr_images, tr_labels, tr_fov = load_patches(patch_dir, "train")
-    va_images, va_labels, va_fov = load_patches(patch_dir, "val")
-    channels = 1 if tr_images.ndim == 3 else tr_images.shape[-1]
-    if int(model_config.get("in_channels", 1)) != channels:
-        raise ParamsError(
-            f"model.in_channels={model_config.get('in_channels')} but the prepared images have {channels} channel(s)"
-            " (prepare.channel rgb gives 3)"
-        )
-    dataset = PreparedDataset(prepared_dir)
-    if not dataset.ids("val"):
-        raise DataError(f"{prepared_dir}/split.json: the validation split is empty (raise data.val_fraction)")
-    batches = PatchBatches(
-        tr_images, tr_labels, tr_fov, batch_size=params.batch_size, flip=params.flip, rotate90=params.rotate90,
-        seed=seed, rank=world.rank, world=world.size, pin_memory=device.type == "cuda",
-    )
-    model = build_model(model_config)
-    n_params = count_parameters(model)
-    trainer = Trainer(
-        model=model, model_config=model_config, loss_fn=build_loss(params.loss, dice_weight=params.dice_weight),
-        params=params, seed=seed, device=device, world=world, steps_per_epoch=len(batches),
-    )
-    fp = ckpt.fingerprint({"model": model_config, "train": params.model_dump(exclude={"threads", "device"}),
-                           "seed": seed, "n_train": len(tr_images), "n_val": len(va_images), "world": world.size})
-    state = ckpt.load_checkpoint(checkpoint_path, fp)
-    if state is not None:
-        trainer.restore(state)
-        log.info("resuming from %s at epoch %d", checkpoint_path, trainer.start_epoch)
-    log.info(
-        "training %s (%d params) on %s, %d threads, %d processes, %d train / %d val patches, %d steps per epoch",
-        model_config.get("name"), n_params, device, threads, world.size, len(tr_images), len(va_images), len(batches),
-    )
-
-    def validate(epoch: int) -> dict[str, float]:
-        return {"loss": trainer.val_loss(va_images, va_labels, va_fov, params.batch_size),
-                **trainer.val_scores(dataset)}
-
-    return run_epochs(
-        trainer, batches, validate, params=params, fingerprint=fp, t0=t0, model_config=model_config,
-        n_params=n_params, model_path=model_path, checkpoint_path=checkpoint_path, history_path=history_path,
-        metrics_path=metrics_path, logger=logger, model_extra=model_extra,
-    )
 
 
 def run_epochs(
@@ -389,7 +287,7 @@ def run_epochs(
             if score > trainer.best_score:
                 trainer.best_score, trainer.best_epoch = score, epoch
                 trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()}
-            _write_history(history_path, trainer.history)
+            write_history(history_path, trainer.history)
             ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fingerprint))
             if logger is not None:
                 logger.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)

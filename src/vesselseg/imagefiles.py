@@ -86,6 +86,19 @@ def to_uint8(arr: np.ndarray, path: Path | str) -> np.ndarray:
     raise DataError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(H, W) from the file header only: every input of a run is checked before any pixel is decoded."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises several types for unreadable files
+        raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
+    return height, width
+
+
 def read_image(path: Path | str) -> np.ndarray:
     """Read an image as uint8 (H, W) or (H, W, 3); RGBA loses alpha with a warning."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour pixel classifier on 3x3 grey-level neighbourhoods.
+"""The k-NN family (``knn``): a pixel classifier on 3x3 grey-level neighbourhoods.
 
 The classic supervised baseline (Niemeijer et al. 2004 style, reduced to raw
 intensities): each pixel is described by itself and its 8 neighbours, and a
@@ -15,9 +15,11 @@ and the grid search stay fast (k-NN prediction cost grows with the training set)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -25,10 +27,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 
 from vesselseg.errors import DataError, ParamsError
+from vesselseg.families.classical import ClassicalFamily, Fitted, grey_items, query_jobs
+from vesselseg.params import Params
+from vesselseg.prepared import Item, PreparedDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_knn", "neighbourhood_features", "predict_proba_image", "sample_training_pixels"]
+__all__ = ["FAMILY", "KnnFamily", "fit_knn", "neighbourhood_features", "predict_proba_image", "sample_training_pixels"]
 
 
 def _check_image(image: np.ndarray, what: str = "image") -> None:
@@ -166,3 +171,41 @@ def predict_proba_image(
         idx = where[s : s + chunk]
         out[idx] = model.predict_proba(feats[idx])[:, vessel_col]
     return out.reshape(image.shape)
+
+
+class KnnFamily(ClassicalFamily):
+    """k chosen by cross-validation on the training pixels; the training pixels *are* the model."""
+
+    name = "knn"
+    state_keys = ("X", "y", "k")
+
+    def fit_model(self, params: Params, dataset: PreparedDataset) -> Fitted:
+        p = params.model.knn
+        train = grey_items(dataset, "train")
+        X, y = sample_training_pixels(
+            [it.image for it in train], [it.label for it in train], [it.fov for it in train],
+            background_keep=p.background_keep, near_vessel_px=p.near_vessel_px, max_pixels=p.max_pixels,
+            rng=np.random.default_rng(params.seed),
+        )
+        clf, best_k = fit_knn(X, y, k_grid=p.k_grid, cv=p.cv, seed=params.seed)
+        clf.set_params(n_jobs=query_jobs())
+        val = grey_items(dataset, "val")
+        probs = [predict_proba_image(clf, it.image, it.fov) for it in tqdm(val, desc="k-NN val", unit="img", disable=None)]
+        # store the training pixels so predict refits the same classifier
+        state = {"X": torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
+                 "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.uint8)),
+                 "k": torch.tensor(best_k, dtype=torch.int64)}
+        info = {"best_k": best_k, "n_train_pixels": int(len(y)), "train_vessel_fraction": round(float(y.mean()), 6)}
+        return Fitted({"name": self.name, "k": best_k}, state, info, probs, val)
+
+    def probability_function(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Callable[[Item], np.ndarray]:
+        clf = KNeighborsClassifier(n_neighbors=int(state["k"]), n_jobs=query_jobs())
+        clf.fit(state["X"].numpy(), state["y"].numpy())
+
+        def probability(it: Item) -> np.ndarray:
+            return predict_proba_image(clf, it.image, it.fov)
+
+        return probability
+
+
+FAMILY = KnnFamily()

@@ -1,25 +1,37 @@
-"""Unsupervised baseline: multi-scale Frangi vesselness plus one tuned threshold.
+"""The vesselness family: unsupervised multi-scale Frangi vesselness plus one tuned threshold.
 
 ``skimage.filters.frangi`` measures, at each scale sigma, how tube-like the local
 Hessian is.  Vessels are *dark* on the fundus green channel (``black_ridges=True``)
 and *bright* on OCTA projections (``black_ridges=False``).  The response is scaled
 to [0, 1] inside the FOV so a single threshold, chosen on validation images by
 :func:`choose_threshold`, transfers to test images.
+
+Probabilities: the Frangi response ``v`` in [0, 1] and the threshold ``t`` chosen on
+the validation images map to ``p`` by the monotone piecewise-linear map
+``p = 0.5 v / t`` below ``t`` and ``p = 0.5 + 0.5 (v - t) / (1 - t)`` from ``t`` on, so
+``p >= 0.5`` exactly when ``v >= t``: ``predict.threshold`` 0.5 means the validated
+threshold, and ROC/AUC (rank-based) are those of the raw response.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from skimage.filters import frangi
+from tqdm import tqdm
 
 from vesselseg.errors import DataError, ParamsError
+from vesselseg.families.classical import ClassicalFamily, Fitted, grey_items
+from vesselseg.params import Params
+from vesselseg.prepared import Item, PreparedDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_threshold", "frangi_vesselness"]
+__all__ = ["FAMILY", "VesselnessFamily", "choose_threshold", "frangi_vesselness", "vesselness_to_probability"]
 
 
 def frangi_vesselness(
@@ -114,3 +126,56 @@ def choose_threshold(
     best = int(np.argmax(dice))
     log.info("vesselness threshold %.3f (pooled Dice %.4f on %d pixels)", thresholds[best], dice[best], len(pos_s) + len(neg_s))
     return float(thresholds[best])
+
+
+def vesselness_to_probability(v: np.ndarray, threshold: float) -> np.ndarray:
+    """Monotone map of vesselness ``v`` in [0, 1] to float32 ``p`` with ``p >= 0.5`` iff ``v >= threshold``.
+
+    The two branches are clamped on the float32 side of 0.5 so rounding can never
+    move a pixel across the decision boundary.
+    """
+    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0)
+    t = float(threshold)
+    above = v >= t
+    if t <= 0.0:
+        p = 0.5 + 0.5 * v
+    elif t >= 1.0:
+        p = np.where(above, 1.0, 0.5 * v)
+    else:
+        p = np.where(above, 0.5 + 0.5 * (v - t) / (1.0 - t), 0.5 * v / t)
+    p32 = p.astype(np.float32)
+    below_half = np.nextafter(np.float32(0.5), np.float32(0.0))
+    return np.where(above, np.maximum(p32, np.float32(0.5)), np.minimum(p32, below_half)).astype(np.float32)
+
+
+class VesselnessFamily(ClassicalFamily):
+    name = "vesselness"
+    state_keys = ("threshold", "sigmas", "black_ridges")
+
+    def fit_model(self, params: Params, dataset: PreparedDataset) -> Fitted:
+        p = params.model.vesselness
+        val = grey_items(dataset, "val")  # the threshold sees validation images only, never test
+        responses = [
+            frangi_vesselness(it.image, it.fov, sigmas=p.sigmas, black_ridges=p.black_ridges)
+            for it in tqdm(val, desc="vesselness val", unit="img", disable=None)
+        ]
+        threshold = choose_threshold(responses, [it.label for it in val], [it.fov for it in val])
+        probs = [vesselness_to_probability(r, threshold) for r in responses]
+        config = {"name": self.name, "sigmas": [float(s) for s in p.sigmas], "black_ridges": bool(p.black_ridges)}
+        state = {"threshold": torch.tensor(threshold, dtype=torch.float64),
+                 "sigmas": torch.tensor([float(s) for s in p.sigmas], dtype=torch.float64),
+                 "black_ridges": torch.tensor(bool(p.black_ridges))}
+        info = {"threshold": round(float(threshold), 6), "n_val_images": len(val), "n_params": 1}
+        return Fitted(config, state, info, probs, val)
+
+    def probability_function(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Callable[[Item], np.ndarray]:
+        sigmas = [float(s) for s in state["sigmas"].tolist()]
+        black, t = bool(state["black_ridges"]), float(state["threshold"])
+
+        def probability(it: Item) -> np.ndarray:
+            return vesselness_to_probability(frangi_vesselness(it.image, it.fov, sigmas=sigmas, black_ridges=black), t)
+
+        return probability
+
+
+FAMILY = VesselnessFamily()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vesselseg import io
+from vesselseg import imagefiles
 from vesselseg.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -58,15 +58,15 @@ class PreparedDataset:
 
     def load(self, id_: str) -> Item:
         img_p, lab_p, fov_p = self.paths(id_)
-        image = io.read_image(img_p)
+        image = imagefiles.read_image(img_p)
         shape = image.shape[:2]
-        return Item(id_, image, io.read_mask(lab_p, shape, "label"), io.read_mask(fov_p, shape, "FOV mask"))
+        return Item(id_, image, imagefiles.read_mask(lab_p, shape, "label"), imagefiles.read_mask(fov_p, shape, "FOV mask"))
 
     def items(self, split: str) -> list[Item]:
         return [self.load(i) for i in self.ids(split)]
 
 
 def write_item(root: Path, id_: str, image: np.ndarray, label: np.ndarray, fov: np.ndarray) -> None:
-    io.write_png(root / "images" / f"{id_}.png", image)
-    io.write_png(root / "labels" / f"{id_}.png", label.astype(bool))
-    io.write_png(root / "fov" / f"{id_}.png", fov.astype(bool))
+    imagefiles.write_png(root / "images" / f"{id_}.png", image)
+    imagefiles.write_png(root / "labels" / f"{id_}.png", label.astype(bool))
+    imagefiles.write_png(root / "fov" / f"{id_}.png", fov.astype(bool))

@@ -205,6 +205,35 @@ def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image
 # -- tools -------------------------------------------------------------------------
 
 
+@cli.command("crossdataset")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME=MODEL.pt",
+              help="A trained model file (repeat: one row per model).")
+@click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PREPARED_DIR",
+              help="A prepared dataset, data/prepared of any run (repeat: one column per dataset).")
+@click.option("--split", default="test", show_default=True, help="train | val | test | all (every image).")
+@click.option("--out", type=PathArg, default=Path("reports/crossdataset"), show_default=True,
+              help="Writes OUT.csv and OUT.md.")
+@pass_ctx
+def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], split: str, out: Path) -> None:
+    """Score every model on every dataset: F1, AUC and clDice, a dataset x dataset table.
+
+    Prediction settings (window, threshold, ...) come from params.yaml's predict section;
+    each model's family and preprocessing come from its own file.
+    """
+    from vesselseg.crossdataset import parse_named, run_crossdataset
+
+    named_models = parse_named(models, "model file")
+    named_datasets = parse_named(datasets, "prepared dataset")
+    p = c.params
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cells = run_crossdataset(models=named_models, datasets=named_datasets, out=out, predict=p.predict, split=split,
+                             device=p.train.device, amp=p.train.amp)
+    click.echo(out.with_suffix(".md").read_text())
+    log.info("%d cells written to %s.{csv,md}", len(cells), out)
+
+
+
+
 @cli.group()
 def params() -> None:
     """Inspect and validate params.yaml."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.measure import euler_number
 from skimage.morphology import skeletonize
 
 from vesselseg.topology import (
@@ -31,11 +32,10 @@ def ring(size: int = 21, inner: float = 5, outer: float = 7) -> np.ndarray:
     return (r >= inner) & (r <= outer)
 
 
-def holes_by_flood_fill(mask: np.ndarray) -> int:
-    """b1 counted independently of the Euler number: 4-connected background components
-    of the zero-padded mask, minus the outer one."""
-    background = ~np.pad(mask, 1)
-    return int(ndimage.label(background, structure=ndimage.generate_binary_structure(2, 1))[1]) - 1
+def holes_by_euler(mask: np.ndarray) -> int:
+    """b1 counted independently of the labelling: b0 - Euler number (8-connected foreground)."""
+    b0 = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+    return int(b0 - euler_number(mask, connectivity=2))
 
 
 def reference_cldice(p: np.ndarray, t: np.ndarray) -> float:
@@ -78,7 +78,7 @@ def test_ring_and_ring_broken_once() -> None:
     assert values["betti1_error"] == 1 and values["betti0_error"] == 0
     assert values["cl_precision"] == 1.0 and values["cl_sensitivity"] < 1.0
     for m in (lab, pred):
-        assert betti_numbers(m)[1] == holes_by_flood_fill(m)
+        assert betti_numbers(m)[1] == holes_by_euler(m)
 
 
 def test_connectivity_is_8_for_vessels_and_4_for_holes() -> None:
@@ -157,7 +157,28 @@ def test_cldice_matches_the_reference_formula_on_blobs() -> None:
         t = ndimage.binary_dilation(rng.random((60, 70)) < 0.01, iterations=3)
         p = ndimage.binary_dilation(t ^ (rng.random(t.shape) < 0.05), iterations=1)
         assert cldice(p, t)[0] == pytest.approx(reference_cldice(p, t), abs=1e-12)
-        assert betti_numbers(p)[1] == holes_by_flood_fill(p)
+        assert betti_numbers(p)[1] == holes_by_euler(p)
+
+
+def test_cal_matches_its_formula_on_blobs() -> None:
+    rng = np.random.default_rng(5)
+    disc = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2  # radius alpha = beta = 2
+
+    def dil(m: np.ndarray) -> np.ndarray:
+        return ndimage.binary_dilation(m, structure=disc)
+
+    for _ in range(3):
+        t = ndimage.binary_dilation(rng.random((60, 70)) < 0.01, iterations=2)
+        p = np.pad(ndimage.binary_dilation(t ^ (rng.random(t.shape) < 0.03), iterations=1), 1)[1:-1, 1:-1]
+        assert not p.flags["C_CONTIGUOUS"]  # a view, as a caller may pass
+        sp, st = skeletonize(p), skeletonize(t)
+        n_p, n_t = (ndimage.label(m, structure=np.ones((3, 3)))[1] for m in (p, t))
+        c = 1 - min(1, abs(n_t - n_p) / t.sum())
+        a = ((dil(p) & t) | (p & dil(t))).sum() / (p | t).sum()
+        length = ((sp & dil(t)) | (dil(p) & st)).sum() / (sp | st).sum()
+        score = cal(p, t)
+        assert (score.c, score.a, score.l) == (pytest.approx(c), pytest.approx(a), pytest.approx(length))
+        assert 0 < score.cal < 1
 
 
 def test_accumulator_pools_skeleton_counts_and_averages_errors() -> None:

@@ -26,9 +26,12 @@ thin vessels step diagonally, so a 4-connected foreground would cut every diagon
 1-px vessel into pieces and count them as components; and only the dual pair (8/4)
 obeys the digital Jordan curve theorem, so an 8-connected ring encloses exactly one
 hole (8/8 would let the background leak through the ring's diagonal steps, 4/4
-would let a ring enclose nothing).  b1 = b0 - Euler number
-(:func:`skimage.measure.euler_number` with the same connectivity).  The errors are
-``|b0(P) - b0(L)|`` and ``|b1(P) - b1(L)|`` per image.
+would let a ring enclose nothing).  b0 and b1 both come from
+:func:`skimage.measure.label`: b1 counts the 4-connected components of the
+background of the zero-padded mask, less the outer one.  (b1 = b0 - Euler number,
+:func:`skimage.measure.euler_number`, gives the same count and is what the tests
+check against, but took 41 ms per DRIVE mask against 1.5 ms for a labelling.)
+The errors are ``|b0(P) - b0(L)|`` and ``|b1(P) - b1(L)|`` per image.
 
 **CAL** (Gegundez-Arias et al., IEEE TMI 2012) multiplies three agreements of
 prediction S and label S_G::
@@ -38,6 +41,8 @@ prediction S and label S_G::
     L = #((φ(S) ∩ δβ(S_G)) ∪ (δβ(S) ∩ φ(S_G))) / #(φ(S) ∪ φ(S_G))   length of centrelines
 
 δ = dilation by a disc of radius α = β = 2 px (the paper's values), φ = skeleton.
+The dilation is OpenCV's (``cv2.dilate``, 0.1 ms per DRIVE mask against 29 ms for
+``scipy.ndimage.binary_dilation``): evaluate runs it four times per image.
 
 Zero denominators (no metric is ever NaN, as in :mod:`vesselseg.metrics`): Tsens is
 1.0 when the label has no centreline (nothing to miss); Tprec with no predicted
@@ -51,9 +56,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from scipy import ndimage
-from skimage.measure import euler_number, label
+from skimage.measure import label
 from skimage.morphology import disk, skeletonize
 
 __all__ = [
@@ -70,7 +75,8 @@ __all__ = [
     "skeleton",
 ]
 
-CONNECTIVITY = 2  # scikit-image: 8-connected foreground, hence 4-connected background
+CONNECTIVITY = 2  # scikit-image: 8-connected foreground ...
+_BACKGROUND_CONNECTIVITY = 1  # ... and its dual, 4-connected background
 CAL_ALPHA = 2
 CAL_BETA = 2
 # Per-image values, in the order of the per-image table's columns.
@@ -110,7 +116,10 @@ def _betti(mask: np.ndarray) -> tuple[int, int]:
     if not mask.any():
         return 0, 0
     b0 = int(label(mask, connectivity=CONNECTIVITY, return_num=True)[1])
-    return b0, b0 - int(euler_number(mask, connectivity=CONNECTIVITY))
+    # Padding joins every background pixel on the border into one outer component.
+    background = ~np.pad(mask, 1)
+    n_background = int(label(background, connectivity=_BACKGROUND_CONNECTIVITY, return_num=True)[1])
+    return b0, n_background - 1
 
 
 def betti_numbers(mask: np.ndarray, fov: np.ndarray | None = None) -> tuple[int, int]:
@@ -171,7 +180,9 @@ class CalScore:
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    return ndimage.binary_dilation(mask, structure=disk(radius)) if mask.any() else mask
+    if radius == 0 or not mask.any():
+        return mask
+    return cv2.dilate(np.ascontiguousarray(mask).view(np.uint8), disk(radius).astype(np.uint8)).view(bool)
 
 
 def _cal(

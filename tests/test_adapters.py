@@ -96,7 +96,7 @@ def test_fov_from_image_recovers_the_disc_without_speck_or_hole() -> None:
 
 @pytest.mark.shared
 def test_fov_from_image_matches_drive_official_masks() -> None:
-    from PIL import Image  # DRIVE's LZW TIFFs: read independently of vesselseg.io
+    from PIL import Image  # DRIVE's LZW TIFFs: read independently of vesselseg.imagefiles
 
     root = _shared("DRIVE")
     for part, n in (("training", 21), ("training", 34), ("test", 3), ("test", 17)):

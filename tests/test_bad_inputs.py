@@ -92,7 +92,7 @@ UNET = {"name": "unet", "in_channels": 1, "depth": 1, "base_channels": 4, "batch
 
 
 def _png(path: Path, arr: np.ndarray) -> None:
-    """Write with OpenCV directly (not vesselseg.io), so the inputs do not depend on the code under test."""
+    """Write with OpenCV directly (not vesselseg.imagefiles), so the inputs do not depend on the code under test."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if arr.ndim == 3 and arr.shape[2] == 3:
         arr = arr[:, :, ::-1]

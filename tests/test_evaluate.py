@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
+from skimage.morphology import skeletonize
 from sklearn import metrics as skm
 
 from vesselseg import imagefiles
@@ -15,6 +17,7 @@ from vesselseg.errors import DataError
 from vesselseg.evaluate import PER_IMAGE_COLUMNS, run_evaluate
 from vesselseg.figures import COLORS, overlay
 from vesselseg.prepared import write_item
+from vesselseg.topology import TOPOLOGY_NAMES, cal, image_topology
 
 H, W = 30, 26
 IDS = {"train": ["a0"], "val": ["v1", "v0"], "test": ["t2", "t0", "t1", "t3"]}
@@ -76,6 +79,36 @@ def _sk_scores(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str
     }
 
 
+def _topology_direct(ids: list[str], arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    """Pooled topology values computed here from scikit-image/scipy, not through vesselseg.topology
+    (except CAL, whose hand-made cases live in test_topology.py)."""
+    eight, four = ndimage.generate_binary_structure(2, 2), ndimage.generate_binary_structure(2, 1)
+
+    def betti(m: np.ndarray) -> tuple[int, int]:
+        b0 = ndimage.label(m, structure=eight)[1]
+        b1 = ndimage.label(~np.pad(m, 1), structure=four)[1] - 1  # enclosed background
+        return b0, b1
+
+    sums = np.zeros(4)
+    b0_err, b1_err, cals = [], [], []
+    for i in ids:
+        a = arrays[i]
+        p, t = (a["probs"] >= 0.5) & a["fov"], a["label"] & a["fov"]
+        sp, st = skeletonize(p), skeletonize(t)
+        sums += [np.sum(sp & t), np.sum(sp), np.sum(st & p), np.sum(st)]
+        (p0, p1), (t0, t1) = betti(p), betti(t)
+        b0_err.append(abs(p0 - t0))
+        b1_err.append(abs(p1 - t1))
+        cals.append(cal(a["probs"] >= 0.5, a["label"], a["fov"]).cal)
+    tprec, tsens = sums[0] / sums[1], sums[2] / sums[3]
+    return {
+        "cldice": 2 * tprec * tsens / (tprec + tsens),
+        "betti0_error": float(np.mean(b0_err)),
+        "betti1_error": float(np.mean(b1_err)),
+        "cal": float(np.mean(cals)),
+    }
+
+
 @pytest.fixture()
 def tree(tmp_path: Path) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
     return tmp_path, _make_tree(tmp_path)
@@ -91,9 +124,11 @@ def test_pooled_metrics_match_direct_computation(tree) -> None:
         ids = IDS[split]
         y = np.concatenate([arrays[i]["label"][arrays[i]["fov"]] for i in ids])
         p = np.concatenate([arrays[i]["probs"][arrays[i]["fov"]] for i in ids])
-        ref = _sk_scores(y, p)
+        ref = {**_sk_scores(y, p), **_topology_direct(ids, arrays)}
         assert written[split]["n_images"] == len(ids)
         assert set(written[split]) == set(ref) | {"n_images"}
+        assert {"cldice", "betti0_error", "betti1_error", "cal"} <= set(written[split])
+        assert 0.0 < written[split]["cldice"] < 1.0 and written[split]["betti0_error"] > 0
         for name, value in ref.items():
             assert written[split][name] == pytest.approx(value, abs=1.5e-6), (split, name)
             assert written[split][name] == round(written[split][name], 6)
@@ -104,11 +139,15 @@ def test_per_image_table(tree) -> None:
     _run(root)
     table = pd.read_csv(root / "out" / "per_image.csv", dtype={"id": str})
     assert tuple(table.columns) == PER_IMAGE_COLUMNS
+    assert PER_IMAGE_COLUMNS[-len(TOPOLOGY_NAMES) :] == TOPOLOGY_NAMES
+    assert table["betti0_error"].dtype == np.int64 and table["betti1_error"].dtype == np.int64
     expected_rows = [("test", i) for i in sorted(IDS["test"])] + [("val", i) for i in sorted(IDS["val"])]
     assert list(zip(table["split"], table["id"], strict=True)) == expected_rows
     for row in table.itertuples(index=False):
         a = arrays[row.id]
         y, p = a["label"][a["fov"]], a["probs"][a["fov"]]
+        for name, value in image_topology(a["probs"] >= 0.5, a["label"], a["fov"]).items():
+            assert getattr(row, name) == pytest.approx(value, abs=1e-6), (row.id, name)
         if row.id == EMPTY_LABEL_ID:
             assert np.isnan(row.auc_roc)  # empty cell, not a made-up number
             assert row.sensitivity == 1.0 and row.specificity == pytest.approx(np.mean(p < 0.5), abs=1e-6)

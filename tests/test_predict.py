@@ -247,3 +247,23 @@ def test_run_predict_whole_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
         image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
         np.testing.assert_allclose(probs, _sigmoid(_logits_np(net, image)[0]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_run_predict_applies_test_time_augmentation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tta: str) -> None:
+    """predict.tta goes through the family's predictor: the written map is the TTA mean of predict_image."""
+    from vesselseg.inference.tta import predict_with_tta
+
+    prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1))  # not flip-equivariant: TTA changes its output
+    torch.manual_seed(3)
+    _fake_model(monkeypatch, tmp_path / "m.pt", net)
+    run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **{**RUN, "tta": tta})
+    kw = {k: v for k, v in RUN.items() if k != "threshold"}
+    for id_ in SPLIT["test"]:
+        image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
+        expect = predict_with_tta(lambda im: predict_image(net, im, **kw), image, tta)
+        plain = predict_image(net, image, **kw)
+        got = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
+        np.testing.assert_allclose(got, expect, atol=1e-6)
+        assert np.abs(got - plain).max() > 1e-4

@@ -28,12 +28,16 @@ PARAMS_OLD = {"data": {"dataset": "synthetic", "seed": 0}, "train": {"lr": 0.001
 PARAMS_NEW = {"data": {"dataset": "synthetic", "seed": 0}, "train": {"lr": 0.0003, "epochs": 4}, "model": {"depth": 3}}
 
 METRICS_OLD = {
-    "test": {"dice": 0.71234, "auc_roc": 0.95, "sensitivity": 0.7, "specificity": 0.97, "log_loss": 0.21, "n_images": 3},
-    "val": {"dice": 0.70001, "auc_roc": 0.94, "sensitivity": 0.69, "specificity": 0.96, "log_loss": 0.22, "n_images": 2},
+    "test": {"dice": 0.71234, "auc_roc": 0.95, "sensitivity": 0.7, "specificity": 0.97, "log_loss": 0.21, "n_images": 3,
+             "cldice": 0.74, "betti0_error": 12.333333, "betti1_error": 3.0, "cal": 0.61},
+    "val": {"dice": 0.70001, "auc_roc": 0.94, "sensitivity": 0.69, "specificity": 0.96, "log_loss": 0.22, "n_images": 2,
+            "cldice": 0.72, "betti0_error": 15.5, "betti1_error": 2.5, "cal": 0.6},
 }
 METRICS_NEW = {
-    "test": {"dice": 0.75678, "auc_roc": 0.962, "sensitivity": 0.74, "specificity": 0.968, "log_loss": 0.18, "n_images": 3},
-    "val": {"dice": 0.73, "auc_roc": 0.951, "sensitivity": 0.72, "specificity": 0.965, "log_loss": 0.19, "n_images": 2},
+    "test": {"dice": 0.75678, "auc_roc": 0.962, "sensitivity": 0.74, "specificity": 0.968, "log_loss": 0.18, "n_images": 3,
+             "cldice": 0.781234, "betti0_error": 8.0, "betti1_error": 2.333333, "cal": 0.67},
+    "val": {"dice": 0.73, "auc_roc": 0.951, "sensitivity": 0.72, "specificity": 0.965, "log_loss": 0.19, "n_images": 2,
+            "cldice": 0.75, "betti0_error": 9.5, "betti1_error": 2.0, "cal": 0.65},
 }
 TRAIN_OLD = {"best_epoch": 3, "best_val_dice": 0.70001, "epochs_run": 4, "train_seconds": 12.5, "n_params": 480000}
 TRAIN_NEW = {"best_epoch": 2, "best_val_dice": 0.73, "epochs_run": 4, "train_seconds": 14.25, "n_params": 480000}
@@ -162,6 +166,8 @@ def test_report_tables_and_figures(repo: dict[str, Any], tmp_path: Path) -> None
         assert float(new_txt) == pytest.approx(expect_new[key], abs=6e-5), key
         assert float(delta_txt) == pytest.approx(expect_new[key] - expect_old[key], abs=6e-5), key
     assert rows["test.dice"][2] == "+0.0444"
+    assert rows["test.cldice"] == ["0.7400", "0.7812", "+0.0412"]  # topology metrics diff like the rest
+    assert rows["test.betti0_error"] == ["12.3333", "8.0000", "-4.3333"]
     assert rows["train.n_params"] == ["480000", "480000", "+0"]
 
     # per-dataset table: both revisions, headline test metrics
@@ -172,6 +178,10 @@ def test_report_tables_and_figures(repo: dict[str, Any], tmp_path: Path) -> None
     assert by_rev["base"]["dataset"] == by_rev["new"]["dataset"] == "synthetic"
     assert float(by_rev["new"]["test dice"]) == pytest.approx(0.75678, abs=6e-5)
     assert float(by_rev["base"]["val auc_roc"]) == pytest.approx(0.94, abs=6e-5)
+    for split in ("test", "val"):  # topology columns next to the pixel metrics
+        for metric in ("cldice", "betti0_error", "betti1_error", "cal"):
+            for role, metrics in (("base", METRICS_OLD), ("new", METRICS_NEW)):
+                assert float(by_rev[role][f"{split} {metric}"]) == pytest.approx(metrics[split][metric], abs=6e-5)
 
     # MLflow: no store, said so
     assert "No MLflow store" in section(md, "MLflow runs (newest run of each stage per commit)")

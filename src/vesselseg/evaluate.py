@@ -9,7 +9,8 @@ Outputs (every one written atomically, and only after every image was read and
 scored, so a bad input file leaves the previous outputs untouched)::
 
     metrics_path      {"test": {metric: value, ..., "n_images": k}, "val": {...}}
-    per_image_path    CSV: split, id, dice, ..., auc_roc, log_loss (sorted by split, id)
+    per_image_path    CSV: split, id, dice, ..., auc_roc, log_loss, cldice, cl_precision,
+                      cl_sensitivity, betti0_error, betti1_error, cal (sorted by split, id)
     plots_dir/roc.csv split, fpr, tpr, threshold   (test split; val when there is no test)
     plots_dir/pr.csv  split, recall, precision, threshold
     overlays_dir/<id>.png  four-panel figures of the first test images (by id)
@@ -17,6 +18,9 @@ scored, so a bad input file leaves the previous outputs untouched)::
 Metrics are pooled over the FOV pixels of a split (the DRIVE protocol), not averaged
 over images; the per-image table is there to find the bad images.  A pixel counts as
 vessel when ``prob >= threshold``, the rule the predict step uses for its masks.
+Topology metrics (:mod:`vesselseg.topology`) are computed on the same masks inside
+the FOV: ``cldice`` is pooled from summed skeleton counts, ``betti0_error``,
+``betti1_error`` and ``cal`` are means over the images of a split.
 Outputs are byte-identical for identical inputs (sorted keys, fixed float formats),
 so DVC sees no change when nothing changed.
 """
@@ -31,19 +35,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from vesselseg import atomic, figures, imagefiles
 from vesselseg.errors import DataError, ParamsError
+from vesselseg.imagefiles import image_size
 from vesselseg.prepared import SPLITS, PreparedDataset
 from vesselseg.metrics import DEFAULT_BINS, METRIC_NAMES, Curve, MetricAccumulator
+from vesselseg.topology import TOPOLOGY_NAMES, TopologyAccumulator
 
 __all__ = ["FLOAT_FORMAT", "PER_IMAGE_COLUMNS", "run_evaluate"]
 
 log = logging.getLogger(__name__)
 
-PER_IMAGE_COLUMNS = ("split", "id", *METRIC_NAMES)
+PER_IMAGE_COLUMNS = ("split", "id", *METRIC_NAMES, *TOPOLOGY_NAMES)
 FLOAT_FORMAT = "%.6f"
 _DECIMALS = 6
 
@@ -53,18 +58,6 @@ class _Job:
     split: str
     id: str
     probs_path: Path
-
-
-def _image_shape(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header only, so validating a split reads no pixels."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception as err:  # PIL raises several types for a broken file
-        raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
-    return height, width
 
 
 def _probs_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -89,9 +82,9 @@ def _validate(ds: PreparedDataset, predictions_dir: Path, splits: Sequence[str])
             continue
         for id_ in ids:
             img_p, lab_p, fov_p = ds.paths(id_)
-            shape = _image_shape(img_p)
+            shape = image_size(img_p)
             for path in (lab_p, fov_p):
-                other = _image_shape(path)
+                other = image_size(path)
                 if other != shape:
                     raise DataError(f"{path}: size {other[1]}x{other[0]} differs from its image {shape[1]}x{shape[0]}")
             probs_p = predictions_dir / split / "probs" / f"{id_}.npy"
@@ -120,8 +113,8 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {k: round(float(v), _DECIMALS) if isinstance(v, float) else v for k, v in values.items()}
 
 
-def _pooled(split: str, acc: MetricAccumulator) -> dict[str, Any]:
-    result = acc.result()
+def _pooled(split: str, acc: MetricAccumulator, topo: TopologyAccumulator) -> dict[str, Any]:
+    result: dict[str, Any] = {**acc.result(), **topo.result()}
     if result["auc_roc"] is None:
         # JSON null breaks DVC's metric tables; an absent key shows as "-".
         log.warning("split '%s': labels hold one class only; auc_roc is undefined and left out", split)
@@ -176,6 +169,7 @@ def run_evaluate(
     overlay_ids = set(sorted(overlay_ids)[:n_overlays])
 
     accs = {s: MetricAccumulator(threshold=threshold, n_bins=n_bins) for s in splits if any(j.split == s for j in jobs)}
+    topo_accs = {s: TopologyAccumulator() for s in accs}
     rows: list[dict[str, Any]] = []
     overlays: dict[str, np.ndarray] = {}
     for job in tqdm(jobs, desc="evaluate", unit="img", disable=None):
@@ -184,11 +178,13 @@ def run_evaluate(
             raise DataError(f"{ds.paths(job.id)[2]}: FOV mask is empty; no pixel of '{job.id}' can be scored")
         probs = _load_probs(job.probs_path)
         scores = accs[job.split].update(probs, item.label, item.fov)
-        rows.append({"split": job.split, "id": job.id, **scores})
+        pred = probs >= threshold
+        topo = topo_accs[job.split].update(pred, item.label, item.fov)
+        rows.append({"split": job.split, "id": job.id, **scores, **topo})
         if job.split == overlay_split and job.id in overlay_ids:
-            overlays[job.id] = figures.overlay(item.image, probs >= threshold, item.label, item.fov, probs=probs)
+            overlays[job.id] = figures.overlay(item.image, pred, item.label, item.fov, probs=probs)
 
-    metrics = {split: _pooled(split, acc) for split, acc in accs.items()}
+    metrics = {split: _pooled(split, acc, topo_accs[split]) for split, acc in accs.items()}
     per_image = pd.DataFrame(rows, columns=list(PER_IMAGE_COLUMNS)).sort_values(["split", "id"], kind="stable")
     per_image["auc_roc"] = per_image["auc_roc"].astype(float)  # None -> NaN -> empty cell
     # Curves of one split only: DVC's plot templates cannot group rows by a column,
@@ -208,10 +204,14 @@ def run_evaluate(
             imagefiles.write_png(tmp / f"{id_}.png", panel)
     for split, values in metrics.items():
         log.info(
-            "%s: dice %.4f  auc %s  (%d images)",
+            "%s: dice %.4f  auc %s  cldice %.4f  betti0/1 error %.2f/%.2f  cal %.4f  (%d images)",
             split,
             values["dice"],
             f"{values['auc_roc']:.4f}" if "auc_roc" in values else "n/a",
+            values["cldice"],
+            values["betti0_error"],
+            values["betti1_error"],
+            values["cal"],
             values["n_images"],
         )
     return metrics

@@ -195,6 +195,7 @@ class PredictParams(_Section):
     batch_size: int = Field(4, ge=1)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     channels_last: bool = True
+    tta: Literal["none", "flips", "d4"] = "none"
 
 
 class EvaluateParams(_Section):

@@ -38,7 +38,9 @@ HISTORY = "reports/train/history.csv"
 ROC = "reports/plots/roc.csv"
 PR = "reports/plots/pr.csv"
 OVERLAYS = "reports/figures/overlays"
-HEADLINE = ("dice", "auc_roc", "sensitivity", "specificity")
+# Columns of the per-dataset table: pixel metrics, then topology (vesselseg.topology),
+# which shows broken or spurious vessels that pixel Dice hardly registers.
+HEADLINE = ("dice", "auc_roc", "sensitivity", "specificity", "cldice", "betti0_error", "betti1_error", "cal")
 
 
 def _git(repo: Path, *args: str) -> str | None:

@@ -77,16 +77,25 @@ def grey_items(dataset: PreparedDataset, split: str) -> list[Item]:
 
 
 class ClassicalPredictor(Predictor):
-    def __init__(self, probability: Callable[[Item], np.ndarray]) -> None:
+    def __init__(self, probability: Callable[[Item], np.ndarray], tta: str = "none") -> None:
         super().__init__(device="cpu")
-        self.probability = probability
+        self.probability, self.tta = probability, tta
 
     def __call__(self, dataset: PreparedDataset, id_: str) -> np.ndarray:
+        from vesselseg.inference.tta import predict_with_tta
+
         item = dataset.load(id_)
         if item.image.ndim != 2:
             raise DataError(f"{dataset.paths(id_)[0]}: the classical baselines need grey images, got "
                             f"{item.image.shape} (set prepare.channel to green or grey)")
-        return np.clip(self.probability(item), 0.0, 1.0).astype(np.float32)
+
+        def one(image_and_fov: np.ndarray) -> np.ndarray:
+            # image and FOV travel together through TTA's flips as two channels
+            fov = image_and_fov[..., 1] > 0
+            return self.probability(Item(item.id, np.ascontiguousarray(image_and_fov[..., 0]), fov, fov))
+
+        stacked = np.dstack([item.image, item.fov.astype(np.uint8)])
+        return np.clip(predict_with_tta(one, stacked, self.tta), 0.0, 1.0).astype(np.float32)
 
 
 class ClassicalFamily(Family):
@@ -145,4 +154,4 @@ class ClassicalFamily(Family):
 
     def load_predictor(self, model_path: Path, *, predict: PredictParams, device: str, amp: bool) -> Predictor:
         config, state = self._load(Path(model_path))
-        return ClassicalPredictor(self.probability_function(config, state))
+        return ClassicalPredictor(self.probability_function(config, state), predict.tta)

@@ -56,6 +56,7 @@ from vesselseg.families.base import NetworkFamily, Predictor, TrainingData, Trai
 from vesselseg.params import ModelParams, PredictParams
 from vesselseg.inference.predict import foreground_probability
 from vesselseg.inference.sliding_window import fit_window, sliding_window_inference
+from vesselseg.inference.tta import predict_with_tta
 from vesselseg.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -322,10 +323,16 @@ class VolumePredictor(Predictor):
                 f"{self.trained_depth}; prepare.volume_depth changed since training (train again)"
             )
         p = self.predict
-        # predict.window null (whole images for 2D nets) is the whole en-face plane here too
-        window = p.window if p.window is not None else tuple(volume.shape[1:])
-        return predict_volume(self.model, volume, window=window, overlap=p.overlap, weighting=p.weighting,
-                              batch_size=p.batch_size, device=self.torch_device, amp=self.amp)
+
+        def one(enface_first: np.ndarray) -> np.ndarray:
+            vol = np.ascontiguousarray(np.moveaxis(enface_first, -1, 0))
+            # predict.window null (whole images for 2D nets) is the whole en-face plane here too
+            window = p.window if p.window is not None else tuple(vol.shape[1:])
+            return predict_volume(self.model, vol, window=window, overlap=p.overlap, weighting=p.weighting,
+                                  batch_size=p.batch_size, device=self.torch_device, amp=self.amp)
+
+        # TTA flips and rotates the en-face plane: hand the volume over as (H, W, depth)
+        return predict_with_tta(one, np.moveaxis(volume, 0, -1), p.tta)
 
 
 class IpnFamily(NetworkFamily):

@@ -35,6 +35,7 @@ from vesselseg import imagefiles
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.families import base
 from vesselseg.families.base import NetworkFamily, Predictor, TrainingData, TrainJob
+from vesselseg.inference.tta import predict_with_tta
 from vesselseg.params import ModelParams, PredictParams
 from vesselseg.patches import crop
 from vesselseg.prepared import PreparedDataset
@@ -143,9 +144,12 @@ class CentrePredictor(Predictor):
         path = dataset.paths(id_)[0]
         image = imagefiles.read_image(path)
         base.check_image_channels(path, image, self.in_channels)
-        return predict_probability_map(self.model, image, patch_size=self.patch_size, stride=self.stride,
-                                       batch_size=self.predict.batch_size, device=self.torch_device,
-                                       channels_last=self.channels_last)
+        def one(im: np.ndarray) -> np.ndarray:
+            return predict_probability_map(self.model, im, patch_size=self.patch_size, stride=self.stride,
+                                           batch_size=self.predict.batch_size, device=self.torch_device,
+                                           channels_last=self.channels_last)
+
+        return predict_with_tta(one, image, self.predict.tta)
 
 
 class ResNetPatchFamily(NetworkFamily):

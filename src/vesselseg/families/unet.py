@@ -31,6 +31,7 @@ from vesselseg.families.base import (
     require_channels,
     require_val_split,
 )
+from vesselseg.inference.tta import predict_with_tta
 from vesselseg.params import ModelParams, PredictParams
 from vesselseg.prepared import PreparedDataset
 
@@ -78,9 +79,13 @@ class WindowPredictor(Predictor):
         image = imagefiles.read_image(path)
         check_image_channels(path, image, self.in_channels)
         p = self.predict
-        return predict_image(self.model, image, window=p.window, overlap=p.overlap, weighting=p.weighting,
-                             batch_size=p.batch_size, device=self.torch_device, amp=self.amp,
-                             channels_last=self.channels_last)
+
+        def one(im: np.ndarray) -> np.ndarray:
+            return predict_image(self.model, im, window=p.window, overlap=p.overlap, weighting=p.weighting,
+                                 batch_size=p.batch_size, device=self.torch_device, amp=self.amp,
+                                 channels_last=self.channels_last)
+
+        return predict_with_tta(one, image, p.tta)
 
 
 class UNetFamily(NetworkFamily):

@@ -334,7 +334,7 @@ def project_volume(
     depth.  ``workers`` > 1 decodes and reduces slices in a thread pool (file reads and
     numpy reductions release the GIL); each worker holds one slice buffer.  Every slice
     must have the size of the first; a bad slice raises :class:`DataError` naming it.
-    Callers sort the files (``vesselseg.io.list_slices`` sorts naturally).
+    Callers sort the files (``vesselseg.imagefiles.list_slices`` sorts naturally).
     """
     _check_method(method)
     paths = [Path(p) for p in slices]

@@ -141,14 +141,18 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
     """
     from vesselseg.families import get_family
     from vesselseg.families.base import TrainJob
+    from vesselseg.preprocess.spec import preprocessing_spec
 
     p = c.params
     with _timed("train"), _tracked("train", p) as run:
         job = TrainJob(
             params=p, prepared_dir=prepared, patch_dir=patch_dir, model_path=model_path, checkpoint_path=checkpoint,
             history_path=history, metrics_path=metrics, logger=run,
-            # no run id or time in the model file: equal params must give a byte-identical file
-            model_extra={"recipe": p.recipe, "dataset": p.data.dataset},
+            # no run id or time in the model file: equal params must give a byte-identical file.
+            # The preprocessing spec lets `vesselseg segment` reproduce prepare on new images
+            # from the model file alone; its threshold is the one validation scored with.
+            model_extra={"recipe": p.recipe, "dataset": p.data.dataset,
+                         "preprocessing": preprocessing_spec(p.data, p.prepare, p.model, p.train.val_threshold)},
         )
         result = get_family(p.model.name).fit(job)
         run.log_metrics({f"final.{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
@@ -257,7 +261,7 @@ def params_show(c: Ctx) -> None:
 
 def _register_optional() -> None:
     """Commands owned by other modules (recipes, tracking tools), attached if present."""
-    for module in ("vesselseg.recipes", "vesselseg.commands_tracking"):
+    for module in ("vesselseg.recipes", "vesselseg.commands_tracking", "vesselseg.segment"):
         try:
             mod = __import__(module, fromlist=["COMMANDS"])
         except ImportError as err:

@@ -97,6 +97,7 @@ class PrepareParams(_Section):
     clahe_tile: int = Field(8, ge=1)
     gamma: float = Field(1.0, gt=0)
     scale: float = Field(1.0, gt=0.0, le=4.0)
+    fov_diameter: int | None = Field(None, ge=16)
     volumes: bool = False
     volume_depth: int = Field(64, ge=2)
 
@@ -106,6 +107,14 @@ class PrepareParams(_Section):
         if v is not None and not 0 <= v[0] < v[1]:
             raise ValueError(f"slab {list(v)} must satisfy 0 <= start < stop")
         return v
+
+    @model_validator(mode="after")
+    def _one_resolution_rule(self) -> "PrepareParams":
+        # two ways to set the resolution would fight: the FOV rule already picks the scale
+        if self.fov_diameter is not None and self.scale != 1.0:
+            raise ValueError("prepare.fov_diameter and prepare.scale are exclusive: set prepare.scale to 1.0 "
+                             "or prepare.fov_diameter to null")
+        return self
 
 
 class PatchesParams(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,8 +22,26 @@ from vesselseg.data.sample import RawSample
 from vesselseg.errors import DataError
 from vesselseg.prepared import SPLITS, write_item
 from vesselseg.params import DataParams, PrepareParams
+from vesselseg.preprocess.spec import image_spec, preprocess_image, resize_image, resize_mask
 
 log = logging.getLogger(__name__)
+
+# {id: [H, W]} of the raw images that prepare resized (prepare.scale / fov_diameter)
+NATIVE_SIZES = "native_sizes.json"
+
+
+def native_sizes(prepared_dir: Path | str) -> dict[str, tuple[int, int]]:
+    """The native (H, W) of every resized image of a prepared folder; {} when none was."""
+    import json
+
+    path = Path(prepared_dir) / NATIVE_SIZES
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON ({err})") from None
+    return {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
 
 
 def _draw(
@@ -72,49 +91,48 @@ def assign_splits(
 def rescale(image: np.ndarray, label: np.ndarray, fov: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
     """Resize image, label and FOV together (``prepare.scale``; HRF at half resolution is 0.5).
 
-    The image is area-averaged; label and FOV are area-averaged too and kept where
-    at least half the source pixels were set, which keeps thin vessels connected
-    better than nearest-neighbour sampling.  Evaluation then runs at this resolution.
+    The image is area-averaged when shrinking; label and FOV are resized by
+    :func:`vesselseg.preprocess.spec.resize_mask` (kept where at least half the source
+    pixels were set).  Evaluation then runs at this resolution.
     """
-    import cv2
-
-    h, w = label.shape
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    image = cv2.resize(image, size, interpolation=interp)
-    label = cv2.resize(label.astype(np.float32), size, interpolation=interp) >= 0.5
-    fov = cv2.resize(fov.astype(np.float32), size, interpolation=interp) >= 0.5
-    return image, label, fov
+    return resize_image(image, scale), resize_mask(label, scale), resize_mask(fov, scale)
 
 
-def prepare_image(sample: RawSample, prepare: PrepareParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Load one subject and apply projection, channel choice and equalization."""
-    from vesselseg.preprocess.equalize import equalize, select_channel, to_uint8_projection
+def prepare_image(
+    sample: RawSample, prepare: PrepareParams, spec: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Load one subject; return ``(image, label, fov, native (H, W))`` at the prepared size.
+
+    Projection (volumes) and reading are done here; everything that is done to the
+    image itself is :func:`vesselseg.preprocess.spec.preprocess_image` with the spec
+    the model file will carry, the very function ``vesselseg segment`` calls.
+    ``spec`` defaults to the one of ``prepare`` for an image dataset.
+    """
+    from vesselseg.preprocess.equalize import to_uint8_projection
     from vesselseg.preprocess.projection import project_volume
 
+    if spec is None:
+        spec = image_spec(DataParams(dataset="drive" if sample.volume is None else "octa500"), prepare)
     if sample.volume is not None:
         slices = imagefiles.list_slices(sample.volume)
         proj = project_volume(slices, method=prepare.projection, slab=prepare.slab)
         image = to_uint8_projection(proj)
     else:
-        assert sample.image is not None
-        image = select_channel(imagefiles.read_image(sample.image), prepare.channel)
+        if sample.image is None:
+            raise DataError(f"sample {sample.id}: neither an image nor a volume")
+        image = imagefiles.read_image(sample.image)
     shape = image.shape[:2]
     label = imagefiles.read_mask(sample.label, shape, "label")
     fov = imagefiles.read_mask(sample.fov, shape, "FOV mask") if sample.fov is not None else np.ones(shape, dtype=bool)
     if not fov.any():
         raise DataError(f"{sample.fov}: FOV mask is empty")
-    if prepare.scale != 1.0:
-        image, label, fov = rescale(image, label, fov, prepare.scale)
-    image = equalize(
-        image, method=prepare.equalize, clahe_clip=prepare.clahe_clip, clahe_tile=prepare.clahe_tile,
-        gamma=prepare.gamma, mask=fov,
-    )
-    if image.ndim == 3:
-        image = image * fov[..., None].astype(np.uint8)
-    else:
-        image = np.where(fov, image, 0).astype(np.uint8)
-    return image, label, fov
+    try:
+        prepared = preprocess_image(image, spec, fov=fov)
+    except DataError as err:
+        raise DataError(f"{sample.image or sample.volume}: {err}") from None
+    if prepared.scale != 1.0:
+        label = resize_mask(label, prepared.scale)
+    return prepared.image, label, prepared.fov, (int(shape[0]), int(shape[1]))
 
 
 def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: PrepareParams) -> dict[str, int]:
@@ -131,9 +149,13 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
     splits = assign_splits(samples, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=data.seed)
     if not splits["train"]:
         raise DataError(f"{raw_dir}: no training images left after the split (lower data.val_fraction/test_fraction)")
+    spec = image_spec(data, prepare)
+    native: dict[str, list[int]] = {}
     with atomic.atomic_dir(out_dir) as tmp:
         for sample in tqdm(samples, desc="prepare", unit="img", disable=None):
-            image, label, fov = prepare_image(sample, prepare)
+            image, label, fov, native_shape = prepare_image(sample, prepare, spec)
+            if image.shape[:2] != native_shape:
+                native[sample.id] = list(native_shape)
             write_item(tmp, sample.id, image, label, fov)
             if prepare.volumes and sample.volume is not None:
                 from vesselseg.preprocess.volume import load_volume
@@ -143,6 +165,10 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
                 volume = load_volume(imagefiles.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab)
                 atomic.write_npy(tmp / "volumes" / f"{sample.id}.npy", volume)
         atomic.write_json(tmp / "split.json", {"dataset": data.dataset, **splits})
+        if native:
+            # only when something was resized, so unscaled prepared folders keep
+            # their bytes (and DVC hashes); an id absent here is at its native size
+            atomic.write_json(tmp / NATIVE_SIZES, native)
     counts = {k: len(v) for k, v in splits.items()}
     log.info("prepared %d images of '%s': %s", len(samples), data.dataset, counts)
     return counts

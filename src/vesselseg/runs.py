@@ -233,8 +233,12 @@ def _model_source(client: Any, run: Any, uri: str) -> tuple[str, str]:
     An evaluate run holds the test metrics but not the model; the model is then taken
     from the newest train run of the same commit (and DVC experiment, when tagged).
     """
+    from vesselseg.mlflow_model import linked_model_source
     from vesselseg.tracking import MODEL_DIR, MODEL_FILE_DIR, MODEL_TAG
 
+    linked = linked_model_source(client, run)  # linked by the model file's hash: no guessing
+    if linked is not None:
+        return linked
     tags = run.data.tags
     trains = []
     if tags.get("git_commit"):

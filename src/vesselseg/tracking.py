@@ -463,27 +463,39 @@ class RunLogger:
         *,
         model: "torch.nn.Module | None" = None,
     ) -> None:
-        """Log the model file, and with an input example also an MLflow pytorch model.
+        """Log the model file, and an MLflow model that can be registered and served.
 
-        The file goes to ``model_file/``.  Given ``input_example`` (N, C, H, W) or
-        (C, H, W), the network (``model``, else rebuilt with
-        ``vesselseg.models.load_model``) is saved with ``mlflow.pytorch.save_model``
-        into ``model/`` with a signature inferred from one forward pass, so the run can
-        be registered and served.  That part is optional: any failure there is one
-        warning, never an error, and pip requirements are pinned rather than inferred
-        (inference spawns a subprocess and takes seconds).
+        The file goes to ``model_file/``.  A vesselseg model file that carries its
+        preprocessing spec becomes a pyfunc model in ``model/``
+        (:mod:`vesselseg.mlflow_model`: uint8 image in, probability map out, with
+        signature and input example; ``input_example`` is then an image); the run is
+        tagged with the file's SHA-256 so an evaluate run can be linked to it by
+        content.  Otherwise, given ``input_example`` (N, C, H, W) or (C, H, W), the
+        network (``model``, else rebuilt with ``vesselseg.models.load_model``) is saved
+        with ``mlflow.pytorch.save_model``.  The MLflow model is optional: any failure
+        there is one warning, never an error, and pip requirements are pinned rather
+        than inferred (inference spawns a subprocess and takes seconds).
         """
         if self.disabled:
             return
         path = Path(path)
         self.log_artifact(path, MODEL_FILE_DIR)
-        if input_example is None:
+        from vesselseg.mlflow_model import MODEL_SHA_TAG, file_sha256
+
+        self.set_tags({MODEL_SHA_TAG: file_sha256(path)})
+        spec = _preprocessing_spec_of(path)
+        if spec is None and input_example is None:
             return
         with tempfile.TemporaryDirectory(prefix="vesselseg-mlmodel-") as tmp:
             try:
-                saved = _save_pytorch_model(path, input_example, model, Path(tmp) / MODEL_DIR)
+                if spec is not None:
+                    from vesselseg.mlflow_model import save_vesselseg_model
+
+                    saved = save_vesselseg_model(path, Path(tmp) / MODEL_DIR, input_example)
+                else:
+                    saved = _save_pytorch_model(path, input_example, model, Path(tmp) / MODEL_DIR)  # type: ignore[arg-type]
             except Exception as err:  # optional extra: report, do not fail the stage
-                log.warning("MLflow pytorch model not logged (%s); model file logged under %s/", _first_line(err), MODEL_FILE_DIR)
+                log.warning("MLflow model not logged (%s); model file logged under %s/", _first_line(err), MODEL_FILE_DIR)
                 return
             self._send({"op": "artifact", "local": str(saved), "artifact_path": MODEL_DIR})
         self.set_tags({MODEL_TAG: MODEL_DIR})
@@ -520,6 +532,18 @@ def _param_value(value: Any) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
+
+
+def _preprocessing_spec_of(path: Path) -> dict[str, Any] | None:
+    """The preprocessing spec of a vesselseg model file; None for any other file."""
+    try:
+        from vesselseg.models import load_model
+
+        _, meta = load_model(path, map_location="cpu")
+    except Exception:  # noqa: BLE001 - not a vesselseg model file: the pytorch path decides
+        return None
+    spec = (meta.get("extra") or {}).get("preprocessing")
+    return spec if isinstance(spec, dict) else None
 
 
 def _save_pytorch_model(path: Path, example: "np.ndarray", model: "torch.nn.Module | None", dest: Path) -> Path:

@@ -77,17 +77,6 @@ def _split_ids(dataset: PreparedDataset, split: str) -> list[str]:
     return dataset.ids(split)
 
 
-def _native(dataset: PreparedDataset, id_: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The native-resolution label and FOV kept by prepare for a resized image, else None."""
-    from vesselseg.imagefiles import read_mask
-
-    lab, fov = dataset.root / "native" / "labels" / f"{id_}.png", dataset.root / "native" / "fov" / f"{id_}.png"
-    if not lab.is_file():
-        return None
-    label = read_mask(lab)
-    return label, read_mask(fov, label.shape, what="FOV mask")
-
-
 def score_predictions(dataset: PreparedDataset, ids: Sequence[str], probs_dir: Path, threshold: float
                       ) -> dict[str, Any]:
     """FOV-pooled F1/AUC and pooled clDice of ``probs_dir/<id>.npy`` against the labels (native where kept)."""
@@ -102,7 +91,7 @@ def score_predictions(dataset: PreparedDataset, ids: Sequence[str], probs_dir: P
         probs = np.load(probs_dir / f"{id_}.npy")
         item = dataset.load(id_)
         label, fov = item.label, item.fov
-        native = _native(dataset, id_)
+        native = dataset.native(id_)
         if native is not None:
             label, fov = native
             probs = to_native(probs, label.shape)

@@ -41,6 +41,7 @@ from vesselseg import atomic, figures, imagefiles
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.imagefiles import image_size
 from vesselseg.prepared import SPLITS, PreparedDataset
+from vesselseg.preprocess.spec import to_native
 from vesselseg.metrics import DEFAULT_BINS, METRIC_NAMES, Curve, MetricAccumulator
 from vesselseg.topology import TOPOLOGY_NAMES, TopologyAccumulator
 
@@ -177,9 +178,14 @@ def run_evaluate(
         if not item.fov.any():
             raise DataError(f"{ds.paths(job.id)[2]}: FOV mask is empty; no pixel of '{job.id}' can be scored")
         probs = _load_probs(job.probs_path)
-        scores = accs[job.split].update(probs, item.label, item.fov)
+        label, fov, scored = item.label, item.fov, probs
+        native = ds.native(job.id)
+        if native is not None:  # resized by prepare: scored at its native resolution
+            label, fov = native
+            scored = to_native(probs, label.shape)
+        scores = accs[job.split].update(scored, label, fov)
+        topo = topo_accs[job.split].update(scored >= threshold, label, fov)
         pred = probs >= threshold
-        topo = topo_accs[job.split].update(pred, item.label, item.fov)
         rows.append({"split": job.split, "id": job.id, **scores, **topo})
         if job.split == overlay_split and job.id in overlay_ids:
             overlays[job.id] = figures.overlay(item.image, pred, item.label, item.fov, probs=probs)

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # {id: [H, W]} of the raw images that prepare resized (prepare.scale / fov_diameter)
 NATIVE_SIZES = "native_sizes.json"
+# native/{labels,fov}/<id>.png: the label and FOV of each resized image at its native size
+NATIVE_DIR = "native"
 
 
 def native_sizes(prepared_dir: Path | str) -> dict[str, tuple[int, int]]:
@@ -100,8 +102,8 @@ def rescale(image: np.ndarray, label: np.ndarray, fov: np.ndarray, scale: float)
 
 def prepare_image(
     sample: RawSample, prepare: PrepareParams, spec: dict[str, Any] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """Load one subject; return ``(image, label, fov, native (H, W))`` at the prepared size.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Load one subject; return ``(image, label, fov)`` at the prepared size and the native ``(label, fov)``.
 
     Projection (volumes) and reading are done here; everything that is done to the
     image itself is :func:`vesselseg.preprocess.spec.preprocess_image` with the spec
@@ -130,9 +132,10 @@ def prepare_image(
         prepared = preprocess_image(image, spec, fov=fov)
     except DataError as err:
         raise DataError(f"{sample.image or sample.volume}: {err}") from None
+    native = (label, fov)
     if prepared.scale != 1.0:
         label = resize_mask(label, prepared.scale)
-    return prepared.image, label, prepared.fov, (int(shape[0]), int(shape[1]))
+    return prepared.image, label, prepared.fov, native
 
 
 def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: PrepareParams) -> dict[str, int]:
@@ -153,9 +156,14 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
     native: dict[str, list[int]] = {}
     with atomic.atomic_dir(out_dir) as tmp:
         for sample in tqdm(samples, desc="prepare", unit="img", disable=None):
-            image, label, fov, native_shape = prepare_image(sample, prepare, spec)
-            if image.shape[:2] != native_shape:
-                native[sample.id] = list(native_shape)
+            image, label, fov, (native_label, native_fov) = prepare_image(sample, prepare, spec)
+            if image.shape[:2] != native_label.shape:
+                native[sample.id] = list(native_label.shape)
+                # the published protocol scores resized images at their native resolution
+                # (evaluate and `vesselseg crossdataset` map predictions back): keep the
+                # native label and FOV beside the prepared ones
+                imagefiles.write_png(tmp / NATIVE_DIR / "labels" / f"{sample.id}.png", native_label)
+                imagefiles.write_png(tmp / NATIVE_DIR / "fov" / f"{sample.id}.png", native_fov)
             write_item(tmp, sample.id, image, label, fov)
             if prepare.volumes and sample.volume is not None:
                 from vesselseg.preprocess.volume import load_volume

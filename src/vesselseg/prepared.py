@@ -5,6 +5,8 @@
     images/<id>.png   uint8 grey (H, W) or RGB (H, W, 3), already projected/equalized
     labels/<id>.png   {0, 255}
     fov/<id>.png      {0, 255}; all 255 where the dataset has no field of view
+    native/{labels,fov}/<id>.png, native_sizes.json
+                      only for images prepare resized: their native label and FOV
     split.json        {"train": [ids], "val": [ids], "test": [ids], "dataset": name}
 
 Downstream stages only see this layout, so they never know which dataset they run on.
@@ -64,6 +66,19 @@ class PreparedDataset:
 
     def items(self, split: str) -> list[Item]:
         return [self.load(i) for i in self.ids(split)]
+
+    def native(self, id_: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The native-resolution ``(label, FOV)`` the prepare stage kept for a resized image, else None.
+
+        A dataset prepared with ``prepare.fov_diameter`` or ``prepare.scale`` is scored
+        at its native resolution (the published protocol): predictions are mapped back
+        to this label's size.
+        """
+        lab = self.root / "native" / "labels" / f"{id_}.png"
+        if not lab.is_file():
+            return None
+        label = imagefiles.read_mask(lab)
+        return label, imagefiles.read_mask(self.root / "native" / "fov" / f"{id_}.png", label.shape, "FOV mask")
 
 
 def write_item(root: Path, id_: str, image: np.ndarray, label: np.ndarray, fov: np.ndarray) -> None:

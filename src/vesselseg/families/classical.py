@@ -130,7 +130,7 @@ class ClassicalFamily(Family):
         row = {"epoch": 1, "train_loss": 0.0, "val_loss": val_loss, "val_dice": scores["dice"],
                "val_iou": scores["iou"], "lr": 0.0, "seconds": round(seconds, 2)}
         obj = {"format": MODEL_FORMAT, "config": fitted.config, "state_dict": fitted.state,
-               "extra": {"val_dice": round(scores["dice"], 6), **fitted.info},
+               "extra": {**job.model_extra, "val_dice": round(scores["dice"], 6), **fitted.info},
                "torch_version": torch.__version__.split("+")[0]}
         atomic.write_torch(job.model_path, obj)
         write_history(job.history_path, [row])

@@ -61,7 +61,7 @@ def test_two_models_on_two_datasets(tmp_path: Path) -> None:
     assert sorted(zip(df.model, df.dataset, strict=True)) == [("one", "A"), ("one", "B"), ("two", "A"), ("two", "B")]
     md = out.with_suffix(".md").read_text()
     assert "| trained on \\ scored on | A | B |" in md and "clDice" in md
-    assert f"--model one={m1} --dataset B={b} --split test" in md
+    assert f"--model one={m1} --dataset B={b} --split test" in md and "B: test (2 images)" in md
     assert df.set_index(["model", "dataset"]).loc[("one", "B"), "native"]
     # an independent computation of one harmonised cell: predict, map back to 48 px, score the native pixels
     from vesselseg.inference.predict import predict_image
@@ -100,3 +100,20 @@ def test_unknown_paths_and_splits_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown split 'tset'"):
         run_crossdataset(models={"m": _model(tmp_path / "m.pt", 0)}, datasets={"a": a}, out=tmp_path / "o",
                          predict=PredictParams(), split="tset")
+
+
+def test_split_per_dataset(tmp_path: Path) -> None:
+    """An unseen dataset is scored on all its images, the training one on its test split."""
+    from vesselseg.crossdataset import run_crossdataset
+    from vesselseg.errors import DataError
+    from vesselseg.params import PredictParams
+
+    a = make_prepared(tmp_path / "a" / "prepared")  # 4 train, 2 val, 2 test
+    b = make_prepared(tmp_path / "b" / "prepared")
+    m = _model(tmp_path / "m.pt", 0)
+    cells = run_crossdataset(models={"m": m}, datasets={"A": a, "B": b}, out=tmp_path / "o", predict=PredictParams(),
+                             splits={"B": "all"})
+    assert [(c.dataset, c.split, c.n_images) for c in cells] == [("A", "test", 2), ("B", "all", 8)]
+    with pytest.raises(DataError, match="no dataset named 'Z'"):
+        run_crossdataset(models={"m": m}, datasets={"A": a}, out=tmp_path / "o", predict=PredictParams(),
+                         splits={"Z": "all"})

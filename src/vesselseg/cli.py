@@ -214,11 +214,13 @@ def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image
               help="A trained model file (repeat: one row per model).")
 @click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PREPARED_DIR",
               help="A prepared dataset, data/prepared of any run (repeat: one column per dataset).")
-@click.option("--split", default="test", show_default=True, help="train | val | test | all (every image).")
+@click.option("--split", "split_args", multiple=True, metavar="[NAME=]SPLIT",
+              help="train | val | test (default) | all (every image); NAME=SPLIT for one dataset only.")
 @click.option("--out", type=PathArg, default=Path("reports/crossdataset"), show_default=True,
               help="Writes OUT.csv and OUT.md.")
 @pass_ctx
-def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], split: str, out: Path) -> None:
+def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], split_args: tuple[str, ...],
+                 out: Path) -> None:
     """Score every model on every dataset: F1, AUC and clDice, a dataset x dataset table.
 
     Prediction settings (window, threshold, ...) come from params.yaml's predict section;
@@ -228,10 +230,17 @@ def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], spl
 
     named_models = parse_named(models, "model file")
     named_datasets = parse_named(datasets, "prepared dataset")
+    split, per_dataset = "test", {}
+    for arg in split_args:
+        name, sep, value = arg.partition("=")
+        if sep:
+            per_dataset[name] = value
+        else:
+            split = arg
     p = c.params
     out.parent.mkdir(parents=True, exist_ok=True)
     cells = run_crossdataset(models=named_models, datasets=named_datasets, out=out, predict=p.predict, split=split,
-                             device=p.train.device, amp=p.train.amp)
+                             splits=per_dataset, device=p.train.device, amp=p.train.amp)
     click.echo(out.with_suffix(".md").read_text())
     log.info("%d cells written to %s.{csv,md}", len(cells), out)
 

@@ -47,6 +47,7 @@ __all__ = ["Cell", "parse_named", "run_crossdataset", "score_predictions"]
 class Cell:
     model: str
     dataset: str
+    split: str
     n_images: int
     f1: float
     auc: float | None
@@ -110,51 +111,62 @@ def run_crossdataset(
     out: Path,
     predict: PredictParams,
     split: str = "test",
+    splits: dict[str, str] | None = None,
     device: str = "auto",
     amp: bool = True,
     command: str = "vesselseg crossdataset",
 ) -> list[Cell]:
-    """Score every model on every dataset's ``split`` (``all`` for every image); write ``out``.csv/.md."""
+    """Score every model on every dataset's ``split`` (``all`` for every image); write ``out``.csv/.md.
+
+    ``splits`` overrides the split per dataset name: a dataset no model was trained on
+    is scored on all its images, the training dataset on its test split only.
+    """
     from vesselseg.inference.predict import run_predict
 
-    if split not in (*SPLITS, "all"):
-        raise DataError(f"--split: unknown split {split!r} (one of {', '.join((*SPLITS, 'all'))})")
+    chosen = {name: (splits or {}).get(name, split) for name in datasets}
+    unknown = sorted(set(splits or {}) - set(datasets))
+    if unknown:
+        raise DataError(f"--split: no dataset named {unknown[0]!r} (datasets: {', '.join(datasets)})")
+    for s in chosen.values():
+        if s not in (*SPLITS, "all"):
+            raise DataError(f"--split: unknown split {s!r} (one of {', '.join((*SPLITS, 'all'))})")
     prepared = {name: PreparedDataset(path) for name, path in datasets.items()}
     for name, ds in prepared.items():
-        if not _split_ids(ds, split):
-            raise DataError(f"{ds.root}/split.json: dataset {name!r} has no {split!r} images")
+        if not _split_ids(ds, chosen[name]):
+            raise DataError(f"{ds.root}/split.json: dataset {name!r} has no {chosen[name]!r} images")
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix=".tmp-crossdataset-", dir=Path(out).parent) as tmp:
         for m_name, m_path in models.items():
             for d_name, ds in prepared.items():
-                ids = _split_ids(ds, split)
-                splits = SPLITS if split == "all" else (split,)
+                ids = _split_ids(ds, chosen[d_name])
+                pred_splits = SPLITS if chosen[d_name] == "all" else (chosen[d_name],)
                 pred_dir = Path(tmp) / f"{m_name}--{d_name}"
                 t0 = time.perf_counter()
                 stats = run_predict(model_path=m_path, prepared_dir=ds.root, out_dir=pred_dir, predict=predict,
-                                    device=device, amp=amp, splits=splits)
+                                    device=device, amp=amp, splits=pred_splits)
                 seconds = time.perf_counter() - t0
                 probs_dir = Path(tmp) / f"{m_name}--{d_name}-all"
                 probs_dir.mkdir()
-                for s in splits:
+                for s in pred_splits:
                     for f in (pred_dir / s / "probs").glob("*.npy"):
                         f.rename(probs_dir / f.name)
                 score = score_predictions(ds, ids, probs_dir, predict.threshold)
-                cells.append(Cell(m_name, d_name, len(ids), score["f1"], score["auc"], score["cldice"],
-                                  seconds / max(stats["n_images"], 1), score["native"]))
+                cells.append(Cell(m_name, d_name, chosen[d_name], len(ids), score["f1"], score["auc"],
+                                  score["cldice"], seconds / max(stats["n_images"], 1), score["native"]))
                 log.info("%s on %s: F1 %.4f, AUC %s, clDice %.4f (%d images)", m_name, d_name, score["f1"],
                          f"{score['auc']:.4f}" if score["auc"] is not None else "-", score["cldice"], len(ids))
-    write_tables(cells, out, models=models, datasets=datasets, split=split, command=command)
+    write_tables(cells, out, models=models, datasets=datasets, command=command)
     return cells
 
 
 def write_tables(cells: Sequence[Cell], out: Path, *, models: dict[str, Path], datasets: dict[str, Path],
-                 split: str, command: str) -> None:
+                 command: str) -> None:
     df = pd.DataFrame([c.__dict__ for c in cells])
     atomic.write_text(Path(out).with_suffix(".csv"), df.to_csv(index=False, float_format="%.4f"))
-    lines = [f"Cross-dataset results on the `{split}` images of each dataset (rows: trained on, columns: "
-             "scored on; FOV-pooled, threshold from predict.threshold; scored at native resolution where the "
-             "dataset was resized).", ""]
+    scored = ", ".join(f"{d}: {s} ({n} images)" for d, s, n in
+                       df[["dataset", "split", "n_images"]].drop_duplicates().itertuples(index=False))
+    lines = [f"Cross-dataset results (rows: trained on, columns: scored on; {scored}; FOV-pooled at "
+             "predict.threshold; scored at native resolution where the dataset was resized).", ""]
     for metric, label in (("f1", "F1 (Dice)"), ("auc", "AUC"), ("cldice", "clDice")):
         piv = df.pivot(index="model", columns="dataset", values=metric).reindex(index=list(models),
                                                                                  columns=list(datasets))
@@ -166,6 +178,6 @@ def write_tables(cells: Sequence[Cell], out: Path, *, models: dict[str, Path], d
     lines += ["Each cell reproduces with:", ""]
     for c in cells:
         cmd = (f"{command} --model {shlex.quote(f'{c.model}={models[c.model]}')} "
-               f"--dataset {shlex.quote(f'{c.dataset}={datasets[c.dataset]}')} --split {split}")
+               f"--dataset {shlex.quote(f'{c.dataset}={datasets[c.dataset]}')} --split {c.split}")
         lines.append(f"- {c.model} -> {c.dataset}: `{cmd}`")
     atomic.write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")

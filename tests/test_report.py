@@ -237,7 +237,7 @@ def test_report_shows_mlflow_runs_of_both_commits(repo: dict[str, Any], tmp_path
 
 
 def test_cli_report_prints_markdown(repo: dict[str, Any], tmp_path: Path) -> None:
-    from vesselseg.commands_tracking import report_cmd
+    from vesselseg.cli_tools import report_cmd
 
     out = tmp_path / "pr-report"
     res = CliRunner().invoke(

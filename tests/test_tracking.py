@@ -314,7 +314,7 @@ def test_runs_table_side_by_side_and_promote(session: dict[str, Any]) -> None:
     # the CLI takes the registered model's name from params.yaml's tracking.experiment
     from click.testing import CliRunner
 
-    from vesselseg.commands_tracking import promote_cmd
+    from vesselseg.cli_tools import promote_cmd
 
     params_file = session["repo"] / "cli-params.yaml"
     params_file.write_text("tracking:\n  experiment: vs-cli\n")
@@ -391,7 +391,7 @@ def test_server_down_offline_then_sync(tmp_path: Path, monkeypatch: pytest.Monke
 def test_cli_runs_and_sync(session: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from vesselseg.commands_tracking import runs_cmd, tracking_group
+    from vesselseg.cli_tools import runs_cmd, tracking_group
 
     res = CliRunner().invoke(runs_cmd, ["--uri", session["uri"], "--experiment", "unit", "--csv", "--sort", "test.dice"])
     assert res.exit_code == 0, res.output
@@ -408,7 +408,7 @@ def test_cli_runs_and_sync(session: dict[str, Any], monkeypatch: pytest.MonkeyPa
 
 
 def test_cli_commands_registered() -> None:
-    from vesselseg.commands_tracking import COMMANDS
+    from vesselseg.cli_tools import COMMANDS
 
     names = {c.name for c in COMMANDS}
     assert names == {"runs", "report", "tracking", "promote"}

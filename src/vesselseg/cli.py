@@ -270,7 +270,7 @@ def params_show(c: Ctx) -> None:
 
 def _register_optional() -> None:
     """Commands owned by other modules (recipes, tracking tools), attached if present."""
-    for module in ("vesselseg.recipes", "vesselseg.commands_tracking", "vesselseg.segment"):
+    for module in ("vesselseg.recipes", "vesselseg.cli_tools", "vesselseg.segment"):
         try:
             mod = __import__(module, fromlist=["COMMANDS"])
         except ImportError as err:

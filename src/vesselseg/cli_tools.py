@@ -1,9 +1,10 @@
-"""Click commands for runs, the PR report, offline sync and model promotion.
+"""The commands beside the pipeline stages: runs, the PR report, offline sync and model promotion.
 
 Thin on purpose: each command parses options and calls one function of
-:mod:`vesselseg.runs`, :mod:`vesselseg.report` or :mod:`vesselseg.tracking`.  The
-lead's CLI registers every entry of :data:`COMMANDS` and turns a
-:class:`~vesselseg.errors.VesselsegError` into a one-line message.
+:mod:`vesselseg.runs`, :mod:`vesselseg.report` or :mod:`vesselseg.tracking`, which are
+imported only when the command runs (so ``vesselseg --help`` and every stage start
+without MLflow).  :mod:`vesselseg.cli` registers every entry of :data:`COMMANDS` and
+turns a :class:`~vesselseg.errors.VesselsegError` into a one-line message.
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ def check_png(path: Path) -> tuple[int, int]:
         return img.size
 
 
+@pytest.mark.slow
 def test_report_tables_and_figures(repo: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     path = build_report(base=repo["first"], rev=None, out_dir=out, repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db")
@@ -199,6 +200,7 @@ def test_report_tables_and_figures(repo: dict[str, Any], tmp_path: Path) -> None
     assert "a_img.png" in md
 
 
+@pytest.mark.slow
 def test_default_base_is_merge_base_and_rev_compare(repo: dict[str, Any], tmp_path: Path) -> None:
     # workspace, default base: merge-base of feature with main = first commit
     md = build_report(out_dir=tmp_path / "a", repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db").read_text()
@@ -221,6 +223,7 @@ def test_report_on_main_falls_back_to_parent(repo: dict[str, Any], tmp_path: Pat
     assert "Base defaulted to the parent commit" in md
 
 
+@pytest.mark.slow
 def test_report_shows_mlflow_runs_of_both_commits(repo: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from vesselseg.tracking import RunLogger
 

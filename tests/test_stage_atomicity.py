@@ -288,6 +288,7 @@ MOMENTS = [
 
 
 @pytest.mark.parametrize(("stage", "spec"), MOMENTS)
+@pytest.mark.slow
 def test_kill_leaves_old_new_or_nothing_and_next_run_cleans_up(
     stage: str, spec: str, versions: dict[str, Any], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
@@ -329,6 +330,7 @@ def test_kill_leaves_old_new_or_nothing_and_next_run_cleans_up(
             assert fingerprint(work / rel) == b["prints"][rel], f"{rel} after the re-run differs from version B"
 
 
+@pytest.mark.slow
 def test_external_sigkill_of_predict_while_its_temporary_folder_exists(
     versions: dict[str, Any], tmp_path: Path
 ) -> None:

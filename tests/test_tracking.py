@@ -330,6 +330,7 @@ def test_runs_table_side_by_side_and_promote(session: dict[str, Any]) -> None:
 # -------------------------------------------------------------- offline
 
 
+@pytest.mark.slow
 def test_server_down_offline_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     root = make_repo(tmp_path / "proj")
     monkeypatch.chdir(root)

@@ -74,6 +74,7 @@ _fit(tmp, tmp / "prepared", tmp / "patches", tag, epochs=8)
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     prepared, patches = _data(tmp_path)
     ref, _ = _fit(tmp_path, prepared, patches, "ref", epochs=8)
@@ -118,6 +119,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     prepared, patches = _data(tmp_path, fov_all=True)
     single, _ = _fit(tmp_path, prepared, patches, "single", model=MODEL_DDP, loss="bce", flip=False, rotate90=False)

@@ -23,7 +23,7 @@ from vesselseg import io
 from vesselseg.data.adapters import Adapter, adapter_names, get_adapter
 from vesselseg.data.download import DownloadSpec
 from vesselseg.data.fov import fov_from_image
-from vesselseg.data.other import pairing_key
+from vesselseg.data.folder import pairing_key
 from vesselseg.errors import DataError, DownloadError, ParamsError
 from vesselseg.params import DATASETS, DataParams, FolderParams, Octa500Params
 
@@ -110,17 +110,22 @@ def test_fov_from_image_matches_drive_official_masks() -> None:
 
 
 def _drive_tree(root: Path, real: Path | None = None) -> Path:
-    """The DRIVE file list, as links to the real files or as tiny placeholders."""
+    """The DRIVE file list, as links to the real files or as tiny images (24x24)."""
+    from PIL import Image
+
     from vesselseg.data.retina import DRIVE_NUMBERS, drive_files
 
     for part, nums in DRIVE_NUMBERS.items():
         for n in nums:
-            for rel in drive_files(part, f"{n:02d}"):
+            for rel, small in zip(drive_files(part, f"{n:02d}"), (fundus(24, 24, n), np.eye(24, dtype=np.uint8) * 255,
+                                                                   disc(24, 24).astype(np.uint8) * 255)):
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 if real is not None:
                     (root / rel).symlink_to(real / rel)
+                elif rel.endswith(".tif"):
+                    tifffile.imwrite(root / rel, small)
                 else:
-                    (root / rel).write_bytes(rel.encode())
+                    Image.fromarray(small).save(root / rel)
     return root
 
 
@@ -179,7 +184,7 @@ def test_drive_from_two_zips_and_without_source(tmp_path: Path) -> None:
     adapter = get_adapter("drive")
     raw = tmp_path / "raw" / "drive"
     adapter.materialize(raw, source=Path(os.pathsep.join(zips)), params=params(dataset="drive"))
-    assert (raw / "training/images/21_training.tif").read_bytes() == b"training/images/21_training.tif"
+    assert (raw / "training/images/21_training.tif").read_bytes() == (tree / "training/images/21_training.tif").read_bytes()
     assert len([p for p in raw.rglob("*.*") if p.is_file() and p.suffix != ".json"]) == 120
     assert json.loads((raw / "vesselseg-dataset.json").read_text()) == {"dataset": "drive"}
     assert {p.name for p in (tmp_path / "raw").iterdir()} == {"drive"}  # scratch removed
@@ -238,17 +243,20 @@ def test_octa500_2d_release_on_the_real_dataset(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.iterdir()} == {"raw"}  # failed runs leave no folders
 
 
+N_BSCANS = 16  # B-scans per volume = en-face width; 16 is the smallest side ingested
+
+
 def _octa_full(root: Path, ids: list[int]) -> Path:
     base = root / "OCTA-500" / "OCTA_3mm"
     for k, i in enumerate(ids):
-        for b in range(1, 4):
+        for b in range(1, N_BSCANS + 1):
             vol = base / "OCTA" / str(i)
             vol.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(vol / f"{b}.bmp"), np.full((10, 6), 10 * b + k, np.uint8))
+            cv2.imwrite(str(vol / f"{b}.bmp"), np.full((10, 18), 10 * b + k, np.uint8))
         for sub in ("Projection Maps/OCTA(ILM_OPL)", "Projection Maps/OCTA(FULL)", "GT_LargeVessel", "GT_Capillary"):
             (base / sub).mkdir(parents=True, exist_ok=True)
             value = 255 if sub.startswith("GT") else 50 + k
-            cv2.imwrite(str(base / sub / f"{i}.bmp"), np.eye(6, 3, dtype=np.uint8) * value)
+            cv2.imwrite(str(base / sub / f"{i}.bmp"), np.eye(18, N_BSCANS, dtype=np.uint8) * value)
     return root / "OCTA-500"
 
 
@@ -260,7 +268,7 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     adapter.materialize(raw, source=src, params=p)
     samples = adapter.samples(raw, p)
     assert [(s.id, s.split) for s in samples] == [("10301", "train"), ("10440", "train"), ("10441", "val"), ("10451", "test"), ("10500", "test")]
-    assert (io.read_image(samples[2].image) == np.eye(6, 3, dtype=np.uint8) * 52).all()
+    assert (io.read_image(samples[2].image) == np.eye(18, N_BSCANS, dtype=np.uint8) * 52).all()
     with pytest.raises(DataError, match=r"data\.octa500\.projection='OCTA\(ILM_OPL\)'"):
         adapter.samples(raw, params(dataset="octa500", octa500={"label": "GT_Capillary"}))  # stale raw folder
 
@@ -268,7 +276,7 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     adapter.materialize(raw, source=src, params=pv)
     vols = adapter.samples(raw, pv)
     assert all(s.volume is not None for s in vols)
-    assert [io.read_image(f)[0, 0] for f in io.list_slices(vols[1].volume)] == [11, 21, 31]
+    assert [io.read_image(f)[0, 0] for f in io.list_slices(vols[1].volume)] == [10 * b + 1 for b in range(1, N_BSCANS + 1)]
 
     with pytest.raises(ParamsError, match=r"data\.octa500\.label: 'GT_Artery'.*GT_Capillary, GT_LargeVessel"):
         adapter.materialize(tmp_path / "r2", source=src, params=params(dataset="octa500", octa500={"label": "GT_Artery"}))
@@ -395,7 +403,7 @@ def test_stare_gzipped_members_in_two_tars(http_server: LocalServer, tmp_path: P
 # ---------------------------------------------------------------- other bring-your-own sets
 
 
-def test_retina_kaggle_thresholds_soft_masks_warning_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_retina_kaggle_thresholds_soft_masks_naming_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = tmp_path / "Data"
     soft = cv2.GaussianBlur(np.eye(32, dtype=np.uint8) * 255, (5, 5), 1.0)
     for split, n in (("train", 3), ("test", 2)):
@@ -409,7 +417,8 @@ def test_retina_kaggle_thresholds_soft_masks_warning_once(tmp_path: Path, caplog
     with caplog.at_level(logging.WARNING):
         adapter.materialize(raw, source=src, params=params(dataset="retina_kaggle"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("not binary" in w for w in warnings) == 1 and any("5 of 5 masks" in w for w in warnings)
+    soft_named = sorted(w.split(": label is not binary")[0] for w in warnings if "label is not binary" in w)
+    assert soft_named == sorted(str(p) for p in src.glob("*/mask/*.png"))  # each mask named once
     assert any("do not combine" in w for w in warnings)
     samples = adapter.samples(raw, params(dataset="retina_kaggle"))
     assert [(s.id, s.split) for s in samples] == [("test_0", "test"), ("test_1", "test"), ("train_0", "train"), ("train_1", "train"), ("train_2", "train")]
@@ -453,9 +462,9 @@ def test_folder_adapter_pairs_by_stem_and_lists_unpaired(tmp_path: Path) -> None
     for sub in ("img", "gt", "roi"):
         (src / sub).mkdir(parents=True)
     for k in (1, 2, 10):
-        cv2.imwrite(str(src / "img" / f"eye{k}.png"), np.full((8, 8), k, np.uint8))
-        cv2.imwrite(str(src / "gt" / f"eye{k}_label.png"), np.eye(8, dtype=np.uint8) * 255)
-        cv2.imwrite(str(src / "roi" / f"eye{k}_fov.png"), np.ones((8, 8), np.uint8) * 255)
+        cv2.imwrite(str(src / "img" / f"eye{k}.png"), np.full((16, 16), k, np.uint8))
+        cv2.imwrite(str(src / "gt" / f"eye{k}_label.png"), np.eye(16, dtype=np.uint8) * 255)
+        cv2.imwrite(str(src / "roi" / f"eye{k}_fov.png"), np.ones((16, 16), np.uint8) * 255)
     (src / "gt" / "notes.txt").write_text("not an image")
     adapter = get_adapter("folder")
     p = params(dataset="folder", folder=FolderParams(images="img/*.png", labels="gt/*", fov="roi/*.png"))
@@ -466,7 +475,7 @@ def test_folder_adapter_pairs_by_stem_and_lists_unpaired(tmp_path: Path) -> None
     assert samples[2].image.name == "eye10.png" and samples[2].label.name == "eye10_label.png" and samples[2].fov.name == "eye10_fov.png"
     assert io.read_image(samples[2].image)[0, 0] == 10
 
-    cv2.imwrite(str(src / "img" / "eye3.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(src / "img" / "eye3.png"), np.zeros((16, 16), np.uint8))
     (src / "gt" / "eye1_label.png").rename(src / "gt" / "eyeX_label.png")
     with pytest.raises(DataError) as exc:
         adapter.materialize(tmp_path / "raw2", source=src, params=p)
@@ -482,3 +491,34 @@ def test_samples_before_materialize_says_run_download(tmp_path: Path) -> None:
     for name in ("drive", "hrf", "octa500", "folder", "lgg_mri"):
         with pytest.raises(DataError, match="run the download stage"):
             get_adapter(name).samples(tmp_path / "nothing", params(dataset=name))
+
+
+def test_ingest_sums_up_a_long_run_of_one_warning_and_stores_binary_labels_whatever_the_log_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vesselseg.data.ingest import WARNINGS_LISTED, Source, Subject, ingest
+
+    soft = cv2.GaussianBlur(np.eye(32, dtype=np.uint8) * 255, (5, 5), 1.0)
+    subjects = []
+    for k in range(WARNINGS_LISTED + 2):
+        cv2.imwrite(str(tmp_path / f"i{k}.png"), fundus(32, 32, k)[:, :, ::-1])
+        cv2.imwrite(str(tmp_path / f"l{k}.png"), soft)
+        subjects.append(Subject(str(k), image=Source(tmp_path / f"i{k}.png", tmp_path / "out" / f"i{k}.png"),
+                                label=Source(tmp_path / f"l{k}.png", tmp_path / "out" / f"l{k}.png")))
+    io_logger = logging.getLogger("vesselseg.io")
+    io_logger.setLevel(logging.ERROR)  # a quiet log must not change what is stored
+    try:
+        with caplog.at_level(logging.WARNING, logger="vesselseg.data.ingest"):
+            ingest(subjects, "test")
+    finally:
+        io_logger.setLevel(logging.NOTSET)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == WARNINGS_LISTED + 1
+    assert warnings[-1].startswith("... and 2 more file(s) with the same warning, the last: ")
+    assert str(tmp_path / f"l{WARNINGS_LISTED + 1}.png") in warnings[-1]
+    for k in range(WARNINGS_LISTED + 2):
+        stored = cv2.imread(str(tmp_path / "out" / f"l{k}.png"), cv2.IMREAD_UNCHANGED)
+        assert set(np.unique(stored)) == {0, 255}
+        assert (stored > 0).tolist() == (soft > soft.max() / 2).tolist()
+        # images the reader did not change are copied byte for byte
+        assert (tmp_path / "out" / f"i{k}.png").read_bytes() == (tmp_path / f"i{k}.png").read_bytes()

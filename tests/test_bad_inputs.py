@@ -561,3 +561,380 @@ def test_helpers_snapshot_sees_a_change(tmp_path: Path) -> None:
     second = snapshot(tmp_path)
     (tmp_path / ".tmp-1-a").write_text("")
     assert snapshot(tmp_path) != second
+
+
+# ================================================================== bring your own data (download)
+#
+# A project that already holds a good ``data/raw`` is fed a malformed copy of the user's
+# dataset through the download stage, for every adapter that copies user files.  Each
+# refused case must stop with one line naming the *user's* file (never the ``data/raw``
+# copy or a temporary one) and leave the previous ``data/raw`` byte-identical; each
+# accepted case must warn naming the user's file, and the prepare stage that follows
+# must not warn again about the copy.
+
+SIDE = 32  # every generated image is SIDE x SIDE (the ingestion minimum is 16)
+
+
+def _disc(h: int = SIDE, w: int = SIDE) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 <= (0.42 * min(h, w)) ** 2
+
+
+def _fundus(k: int, h: int = SIDE, w: int = SIDE) -> np.ndarray:
+    """A bright disc on black with a dark vessel: RGB uint8 (a FOV can be derived from it)."""
+    rng = np.random.default_rng(k)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[_disc(h, w)] = (170, 80, 40)
+    cv2.line(img, (w // 4, h // 4), (3 * w // 4, 3 * h // 4), (110, 30, 15), 2)
+    return np.clip(img.astype(int) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+
+
+def _vessels(h: int = SIDE, w: int = SIDE) -> np.ndarray:
+    label = np.zeros((h, w), np.uint8)
+    cv2.line(label, (w // 4, h // 4), (3 * w // 4, 3 * h // 4), 255, 2)
+    return label
+
+
+def _encode(suffix: str, arr: np.ndarray) -> bytes:
+    """Encode by suffix with OpenCV/tifffile/PIL (not vesselseg), RGB given as RGB."""
+    import io as pyio
+
+    from PIL import Image
+
+    suffix = suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        buf = pyio.BytesIO()
+        tifffile.imwrite(buf, arr)
+        return buf.getvalue()
+    if suffix == ".gif":
+        buf = pyio.BytesIO()
+        Image.fromarray(arr).save(buf, format="GIF")
+        return buf.getvalue()
+    if arr.ndim == 2 and suffix == ".ppm":  # OpenCV writes PPM from 3 channels only
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim == 3:
+        arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]
+    ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr))
+    assert ok, suffix
+    return buf.tobytes()
+
+
+def _put(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, gzip-compressed when the name ends in .gz (STARE)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    inner = path.with_suffix("") if path.suffix == ".gz" else path
+    _put(path, _encode(inner.suffix, arr))
+
+
+def _plain_bytes(path: Path) -> bytes:
+    import gzip
+
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _byo_folder(user: Path) -> None:
+    for k in range(3):
+        _save(user / "mine/images" / f"s{k}.png", _fundus(k))
+        _save(user / "mine/labels" / f"s{k}_label.png", _vessels())
+        _save(user / "mine/fov" / f"s{k}_fov.png", _disc().astype(np.uint8) * 255)
+
+
+def _byo_drive(user: Path) -> None:
+    from vesselseg.data.retina import DRIVE_NUMBERS, drive_files
+
+    for part, numbers in DRIVE_NUMBERS.items():
+        for n in numbers:
+            image, label, fov = drive_files(part, f"{n:02d}")
+            _save(user / "DRIVE" / image, _fundus(n))
+            _save(user / "DRIVE" / label, _vessels())
+            _save(user / "DRIVE" / fov, _disc().astype(np.uint8) * 255)
+
+
+OCTA_2D = {"Training/OCTA500_3M_train": (10301, 10302, 10303), "Validation/OCTA500_3M_val": (10441,)}
+
+
+def _byo_octa_2d(user: Path) -> None:
+    for prefix, ids in OCTA_2D.items():
+        for i in ids:
+            _save(user / "OCTA-500_3M_2D" / f"{prefix}_images" / f"{i}.bmp", _fundus(i)[:, :, 1])
+            _save(user / "OCTA-500_3M_2D" / f"{prefix}_labels" / f"{i}.bmp", _vessels())
+
+
+def _byo_octa_maps(user: Path) -> None:
+    base = user / "OCTA-500" / "OCTA_3mm"
+    for i in (10301, 10302, 10441):
+        _save(base / "Projection Maps" / "OCTA(ILM_OPL)" / f"{i}.bmp", _fundus(i)[:, :, 1])
+        _save(base / "GT_LargeVessel" / f"{i}.bmp", _vessels())
+
+
+def _byo_kaggle(user: Path) -> None:
+    for split, n in (("train", 2), ("test", 1)):
+        for k in range(n):
+            _save(user / "Data" / split / "image" / f"{k}.png", _fundus(k))
+            _save(user / "Data" / split / "mask" / f"{k}.png", _vessels())
+
+
+LGG_PATIENTS = ("TCGA_CS_4941_19960909", "TCGA_DU_5849_19950405", "TCGA_HT_7602_19951103")
+
+
+def _byo_lgg(user: Path) -> None:
+    for p, patient in enumerate(LGG_PATIENTS):
+        for k in (1, 2):
+            _save(user / "kaggle_3m" / patient / f"{patient}_{k}.tif", _fundus(10 * p + k))
+            _save(user / "kaggle_3m" / patient / f"{patient}_{k}_mask.tif", _vessels())
+
+
+def _byo_hrf(user: Path) -> None:
+    for c in ("h", "dr", "g"):
+        for n in range(1, 16):
+            _save(user / "HRF/images" / f"{n:02d}_{c}.jpg", _fundus(n))
+            _save(user / "HRF/manual1" / f"{n:02d}_{c}.tif", _vessels())
+            _save(user / "HRF/mask" / f"{n:02d}_{c}_mask.tif", _disc().astype(np.uint8) * 255)
+
+
+def _byo_chase(user: Path) -> None:
+    for n in range(1, 15):
+        for eye in "LR":
+            _save(user / "CHASEDB1" / f"Image_{n:02d}{eye}.jpg", _fundus(n))
+            _save(user / "CHASEDB1" / f"Image_{n:02d}{eye}_1stHO.png", _vessels())
+
+
+def _byo_stare(user: Path) -> None:
+    from vesselseg.data.retina import STARE_IDS
+
+    for k, i in enumerate(STARE_IDS):
+        _save(user / "STARE" / f"{i}.ppm.gz", _fundus(k))
+        _save(user / "STARE" / f"{i}.ah.ppm.gz", np.stack([_vessels()] * 3, axis=-1))
+
+
+@dataclass(frozen=True)
+class Byo:
+    """A bring-your-own dataset: how to write a good copy, and which of its files the cases break.
+
+    ``image``, ``label`` and ``fov`` are one subject's files (relative to the user's
+    folder); ``test_fov`` is the FOV mask of a test image, where the set ships FOV masks;
+    ``truncate`` is the file the truncation case cuts (JPEG decoders accept half a
+    file, so sets with JPEG images have their label cut instead).
+    """
+
+    dataset: str
+    build: Callable[[Path], None]
+    source: str
+    image: str
+    label: str
+    fov: str | None = None
+    test_fov: str | None = None
+    truncate: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    accepts: tuple[str, ...] = ("non-binary-label",)
+
+
+BYO: dict[str, Byo] = {
+    "folder": Byo("folder", _byo_folder, "mine", "mine/images/s1.png", "mine/labels/s1_label.png", "mine/fov/s1_fov.png",
+                  "mine/fov/s2_fov.png", accepts=("16-bit-image", "rgba-image", "non-binary-label"),
+                  params={"data.folder.images": "images/*", "data.folder.labels": "labels/*", "data.folder.fov": "fov/*"}),
+    "drive": Byo("drive", _byo_drive, "DRIVE", "DRIVE/training/images/21_training.tif",
+                 "DRIVE/training/1st_manual/21_manual1.gif", "DRIVE/training/mask/21_training_mask.gif",
+                 "DRIVE/test/mask/01_test_mask.gif", accepts=("16-bit-image", "rgba-image", "non-binary-label")),
+    "octa500-2d": Byo("octa500", _byo_octa_2d, "OCTA-500_3M_2D",
+                      "OCTA-500_3M_2D/Training/OCTA500_3M_train_images/10302.bmp",
+                      "OCTA-500_3M_2D/Training/OCTA500_3M_train_labels/10302.bmp"),
+    "octa500-maps": Byo("octa500", _byo_octa_maps, "OCTA-500", "OCTA-500/OCTA_3mm/Projection Maps/OCTA(ILM_OPL)/10302.bmp",
+                        "OCTA-500/OCTA_3mm/GT_LargeVessel/10302.bmp"),
+    "retina_kaggle": Byo("retina_kaggle", _byo_kaggle, "Data", "Data/train/image/1.png", "Data/train/mask/1.png",
+                         accepts=("16-bit-image", "rgba-image", "non-binary-label")),
+    "lgg_mri": Byo("lgg_mri", _byo_lgg, "kaggle_3m", f"kaggle_3m/{LGG_PATIENTS[1]}/{LGG_PATIENTS[1]}_2.tif",
+                   f"kaggle_3m/{LGG_PATIENTS[1]}/{LGG_PATIENTS[1]}_2_mask.tif",
+                   accepts=("16-bit-image", "rgba-image", "non-binary-label")),
+    "hrf": Byo("hrf", _byo_hrf, "HRF", "HRF/images/03_dr.jpg", "HRF/manual1/03_dr.tif", "HRF/mask/03_dr_mask.tif",
+               "HRF/mask/10_g_mask.tif", truncate="HRF/manual1/03_dr.tif"),
+    "chase_db1": Byo("chase_db1", _byo_chase, "CHASEDB1", "CHASEDB1/Image_04R.jpg", "CHASEDB1/Image_04R_1stHO.png",
+                     truncate="CHASEDB1/Image_04R_1stHO.png"),
+    "stare": Byo("stare", _byo_stare, "STARE", "STARE/im0044.ppm.gz", "STARE/im0044.ah.ppm.gz",
+                 accepts=("16-bit-image", "non-binary-label")),
+}
+
+
+def _shrunk(byo: Byo, user: Path) -> None:
+    """The 8x8 case: image, label and FOV of one subject, all 8x8 (so only the size is wrong)."""
+    _save(user / byo.image, _fundus(1, 8, 8) if byo.dataset != "octa500" else _fundus(1, 8, 8)[:, :, 1])
+    _save(user / byo.label, _vessels(8, 8))
+    if byo.fov is not None:
+        _save(user / byo.fov, _disc(8, 8).astype(np.uint8) * 255)
+
+
+# case id -> (what it breaks, the file the message must name, words the message must hold)
+Breaker = Callable[[Byo, Path], None]
+REFUSED: dict[str, tuple[Breaker, Callable[[Byo], str | None], tuple[str, ...]]] = {
+    "truncated-file": (lambda b, u: _put(u / (b.truncate or b.image), _half(_plain_bytes(u / (b.truncate or b.image)))),
+                       lambda b: b.truncate or b.image, ("not a readable",)),
+    "zero-byte-file": (lambda b, u: _put(u / b.image, b""), lambda b: b.image, ("empty", "not a readable")),
+    "not-an-image": (lambda b, u: _put(u / b.image, b"this is not an image\n"), lambda b: b.image, ("not a readable",)),
+    "label-size-differs": (lambda b, u: _save(u / b.label, _vessels(20, SIDE)), lambda b: b.label,
+                           (f"label size {SIDE}x20 differs from its image {SIDE}x{SIDE}",)),
+    "8x8-image": (_shrunk, lambda b: b.image, ("image 8x8 is too small",)),
+    "empty-fov-in-a-test-image": (lambda b, u: _save(u / str(b.test_fov), np.zeros((SIDE, SIDE), np.uint8)),
+                                  lambda b: b.test_fov, ("FOV mask is empty",)),
+}
+
+
+def _accept_16bit(b: Byo, u: Path) -> None:
+    image = _fundus(1)
+    _save(u / b.image, image.astype(np.uint16) * 257)
+
+
+def _accept_rgba(b: Byo, u: Path) -> None:
+    _save(u / b.image, np.dstack([_fundus(1), np.full((SIDE, SIDE), 90, np.uint8)]))
+
+
+def _accept_soft_label(b: Byo, u: Path) -> None:
+    soft = cv2.GaussianBlur(_vessels().astype(np.float32), (5, 5), 1.5).round().astype(np.uint8)
+    _save(u / b.label, soft)
+
+
+ACCEPTED: dict[str, tuple[Breaker, Callable[[Byo], str], str]] = {
+    "16-bit-image": (_accept_16bit, lambda b: b.image, "uint16 image scaled to 8 bits"),
+    "rgba-image": (_accept_rgba, lambda b: b.image, "RGBA image, alpha channel dropped"),
+    "non-binary-label": (_accept_soft_label, lambda b: b.label, "label is not binary"),
+}
+
+BYO_REFUSED = [
+    pytest.param(name, case, id=f"{name}-{case}")
+    for name, byo in BYO.items()
+    for case in REFUSED
+    if case != "empty-fov-in-a-test-image" or byo.test_fov is not None
+]
+BYO_ACCEPTED = [pytest.param(name, case, id=f"{name}-{case}") for name, byo in BYO.items() for case in byo.accepts]
+
+_TEMPLATES: dict[str, Path] = {}
+
+
+def _good_project(name: str, root: Path, factory: pytest.TempPathFactory) -> Path:
+    """A working folder holding the user's good copy (``user/``) and the good ``data/raw``
+    the download stage made from it; built once per dataset and copied for each case."""
+    import shutil
+
+    byo = BYO[name]
+    if name not in _TEMPLATES:
+        template = factory.mktemp(f"byo-{name}")
+        byo.build(template / "user")
+        old = Path.cwd()
+        os.chdir(template)
+        try:
+            _byo_params(template, byo)
+            code = run_cli(["--params", "params.yaml", "download", "--out", "data/raw"])
+        finally:
+            os.chdir(old)
+        assert code == 0, f"the good copy of {name} was refused"
+        _TEMPLATES[name] = template
+    shutil.copytree(_TEMPLATES[name], root, dirs_exist_ok=True)
+    _byo_params(root, byo)  # data.source points into this case's own folder
+    return root
+
+
+def _byo_params(root: Path, byo: Byo) -> None:
+    case = Case(byo.dataset, "download", lambda r: None,
+                params={"data.dataset": byo.dataset, "data.source": str(root / "user" / byo.source), **byo.params})
+    write_params(root, case)
+
+
+def _download(capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = run_cli(["--params", "params.yaml", "download", "--out", "data/raw"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "case"), BYO_REFUSED)
+def test_bad_user_file_never_replaces_good_raw_data(
+    name: str, case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    byo = BYO[name]
+    root = _good_project(name, tmp_path / "project", tmp_path_factory)
+    monkeypatch.chdir(root)
+    breaker, culprit, words = REFUSED[case]
+    breaker(byo, root / "user")
+    before = snapshot(root)
+
+    code, err = _download(capsys)
+
+    assert code == 1, f"exit {code}, stderr:\n{err}"
+    assert "Traceback" not in err
+    lines = err.rstrip("\n").splitlines()
+    last = lines[-1]
+    assert last.startswith("error: "), err
+    assert str(root / "user" / str(culprit(byo))) in last, f"the user's file is not named: {last!r}"
+    assert "data/raw" not in last and ".tmp-" not in last, f"a copy is named: {last!r}"
+    assert any(w in last for w in words), f"none of {words} in {last!r}"
+    assert snapshot(root) == before, "the previous data/raw (or the user's copy) changed"
+
+
+@pytest.mark.parametrize(("name", "case"), BYO_ACCEPTED)
+def test_accepted_user_file_warns_naming_it_once(
+    name: str, case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    byo = BYO[name]
+    root = _good_project(name, tmp_path / "project", tmp_path_factory)
+    monkeypatch.chdir(root)
+    changer, culprit, warning = ACCEPTED[case]
+    changer(byo, root / "user")
+    (root / "data/raw/vesselseg-dataset.json").unlink()  # so we can see that a new data/raw was swapped in
+
+    code, err = _download(capsys)
+
+    assert code == 0, err
+    named = [line for line in err.splitlines() if "WARNING" in line and warning in line]
+    assert len(named) == 1, err
+    assert str(root / "user" / culprit(byo)) in named[0] and "data/raw" not in named[0], named[0]
+    assert json.loads((root / "data/raw/vesselseg-dataset.json").read_text()) == {"dataset": byo.dataset}
+
+    # the prepare stage reads the stored copy, which needs no change: no second warning
+    capsys.readouterr()
+    assert run_cli(["--params", "params.yaml", "prepare", "--raw", "data/raw", "--out", "data/prepared"]) == 0
+    err = capsys.readouterr().err
+    assert warning not in err and "data/raw" not in err, err
+
+
+def test_a_bad_member_of_a_users_archive_is_named_inside_the_archive(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import zipfile
+
+    root = _good_project("drive", tmp_path / "project", tmp_path_factory)
+    monkeypatch.chdir(root)
+    bad = root / "user" / BYO["drive"].image
+    bad.write_bytes(_half(bad.read_bytes()))
+    archive = root / "user" / "DRIVE.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((root / "user" / "DRIVE").rglob("*")):
+            zf.write(f, f.relative_to(root / "user").as_posix())
+    write_params(root, Case("drive", "download", lambda r: None, params={"data.dataset": "drive", "data.source": str(archive)}))
+    before = snapshot(root)
+
+    code, err = _download(capsys)
+
+    last = err.rstrip("\n").splitlines()[-1]
+    assert code == 1 and last.startswith("error: "), err
+    assert f"{archive}:DRIVE/training/images/21_training.tif: not a readable TIFF" in last, last
+    assert snapshot(root) == before
+
+
+def test_every_adapter_that_copies_user_files_is_covered() -> None:
+    from vesselseg.data.adapters import adapter_names
+
+    generated = {"synthetic", "synthetic-fundus"}
+    assert {b.dataset for b in BYO.values()} == set(adapter_names()) - generated
+    for case in REFUSED:
+        assert any(c.values[1] == case for c in BYO_REFUSED)

@@ -24,7 +24,8 @@ import logging
 from pathlib import Path
 
 from vesselseg import atomic, io
-from vesselseg.data.adapters import building, copy_files, find_dir, missing_error, require_raw, scratch_dir, split_source, unpack_sources
+from vesselseg.data.adapters import Unpacked, building, find_dir, missing_error, require_raw, scratch_dir, split_source
+from vesselseg.data.ingest import Source, Subject, VolumeSource, ingest
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.params import DataParams
@@ -67,7 +68,8 @@ class Octa500Adapter:
         p = params.octa500
         sub = SUBSET_DIRS[p.subset]
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
+            unpacked = Unpacked(paths, scratch)
+            bases = unpacked.bases
             try:
                 root = find_dir(bases, lambda d: d.name == sub or (d / sub).is_dir(), f"{sub}/")
                 layout = "full"
@@ -78,18 +80,19 @@ class Octa500Adapter:
                     raise DataError(f"{source}: neither {sub}/ nor the 2D release found; data.source must be {LAYOUT}") from None
                 layout = "2d"
             if layout == "full":
-                pairs = self._full(root if root.name == sub else root / sub, tmp, p.subset, p.label, p.projection)
+                subjects = self._full(root if root.name == sub else root / sub, tmp, p.subset, p.label, p.projection)
             else:
-                log.info("%s: OCTA-500 2D release; data.octa500.label and .projection do not apply (one map, one label)", root)
-                pairs = self._flat(root, tmp, p.subset, p.projection)
-            copy_files(pairs, "copy OCTA-500")
+                log.info("%s: OCTA-500 2D release; data.octa500.label and .projection do not apply (one map, one label)",
+                         unpacked.rename(str(root)))  # fmt: skip
+                subjects = self._flat(root, tmp, p.subset, p.projection)
+            ingest(subjects, "check and copy OCTA-500", unpacked.rename)
             meta = {"layout": layout, "subset": p.subset, "label": p.label if layout == "full" else None,
                     "projection": p.projection if layout == "full" else "2d-release"}  # fmt: skip
             atomic.write_json(tmp / "octa500.json", meta)
-        log.info("OCTA-500 (%s layout, %s): %d files copied into %s", layout, p.subset, len(pairs), raw_dir)
+        log.info("OCTA-500 (%s layout, %s): %d subjects copied into %s", layout, p.subset, len(subjects), raw_dir)
 
     @staticmethod
-    def _full(root: Path, tmp: Path, subset: str, label: str, projection: str) -> list[tuple[Path, Path]]:
+    def _full(root: Path, tmp: Path, subset: str, label: str, projection: str) -> list[Subject]:
         available = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("GT_"))
         if not (root / label).is_dir():
             raise ParamsError(f"data.octa500.label: {label!r} not found in {root} (available: {', '.join(available) or 'none'})")
@@ -112,21 +115,20 @@ class Octa500Adapter:
             raise missing_error(root, missing, "OCTA-500")
         for i in subjects:
             official_split(i, subset)  # every id must belong to the chosen subset
-        pairs: list[tuple[Path, Path]] = []
+        out: list[Subject] = []
         for i, src in sorted(subjects.items()):
+            lab = Source(labels[i], tmp / "labels" / f"{i}.bmp")
             if projection == VOLUME:
-                slices = io.list_slices(src)
-                pairs += [(s, tmp / "volumes" / str(i) / s.name) for s in slices]
+                out.append(Subject(str(i), label=lab, volume=VolumeSource(tuple(io.list_slices(src)), tmp / "volumes" / str(i))))
             else:
-                pairs.append((src, tmp / "images" / f"{i}.bmp"))
-            pairs.append((labels[i], tmp / "labels" / f"{i}.bmp"))
-        return pairs
+                out.append(Subject(str(i), label=lab, image=Source(src, tmp / "images" / f"{i}.bmp")))
+        return out
 
     @staticmethod
-    def _flat(root: Path, tmp: Path, subset: str, projection: str) -> list[tuple[Path, Path]]:
+    def _flat(root: Path, tmp: Path, subset: str, projection: str) -> list[Subject]:
         if projection == VOLUME:
             raise ParamsError(f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)")
-        pairs: list[tuple[Path, Path]] = []
+        pairs: list[Subject] = []
         missing: list[str] = []
         for split_dir in sorted(c for c in root.iterdir() if c.is_dir() and c.name.lower() in _SPLIT_DIRS):
             for images in sorted(split_dir.glob("*_images")):
@@ -141,7 +143,7 @@ class Octa500Adapter:
                     if not lab.is_file():
                         missing.append(str(lab.relative_to(root)))
                         continue
-                    pairs += [(img, tmp / "images" / f"{i}.bmp"), (lab, tmp / "labels" / f"{i}.bmp")]
+                    pairs.append(Subject(str(i), image=Source(img, tmp / "images" / f"{i}.bmp"), label=Source(lab, tmp / "labels" / f"{i}.bmp")))
         if missing:
             raise missing_error(root, missing, "OCTA-500 2D")
         if not pairs:

@@ -23,22 +23,19 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from vesselseg import io
 from vesselseg.data.adapters import (
+    Unpacked,
     building,
-    copy_files,
     find_dir,
     missing_error,
     require_raw,
     scratch_dir,
     split_source,
-    unpack_sources,
 )
 from vesselseg.data.download import DownloadSpec, download, pin_text, sha256_of, verify
-from vesselseg.data.fov import fov_from_image
+from vesselseg.data.ingest import Source, Subject, ingest
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, DownloadError
 from vesselseg.params import DataParams
@@ -85,21 +82,20 @@ class DriveAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, DRIVE_LAYOUT)
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            pairs: list[tuple[Path, Path]] = []
+            unpacked = Unpacked(paths, scratch)
+            subjects: list[Subject] = []
             missing: list[str] = []
             for part, _ in DRIVE_PARTS:
-                root = find_dir(bases, lambda d, p=part: (d / p / "images").is_dir(), f"{part}/images/ (DRIVE layout)")
+                root = find_dir(unpacked.bases, lambda d, p=part: (d / p / "images").is_dir(), f"{part}/images/ (DRIVE layout)")
                 for n in DRIVE_NUMBERS[part]:
-                    for rel in drive_files(part, f"{n:02d}"):
-                        if (root / rel).is_file():
-                            pairs.append((root / rel, tmp / rel))
-                        else:
-                            missing.append(rel)
+                    rels = drive_files(part, f"{n:02d}")
+                    missing += [rel for rel in rels if not (root / rel).is_file()]
+                    image, label, fov = (Source(root / rel, tmp / rel) for rel in rels)
+                    subjects.append(Subject(f"{n:02d}_{part}", image=image, label=label, fov=fov))
             if missing:
                 raise missing_error(Path(str(source)), missing, "DRIVE")
-            copy_files(pairs, "copy DRIVE")
-        log.info("DRIVE: %d files copied into %s", len(pairs), raw_dir)
+            ingest(subjects, "check and copy DRIVE", unpacked.rename)
+        log.info("DRIVE: %d images with labels and FOV masks copied into %s", len(subjects), raw_dir)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         return scan_drive(require_raw(raw_dir, self.name), "DRIVE")
@@ -165,13 +161,6 @@ def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, 
     return paths
 
 
-def _write_fov(image_path: Path, out: Path) -> None:
-    try:
-        io.write_png(out, fov_from_image(io.read_image(image_path)))
-    except DataError as err:
-        raise DataError(f"{image_path}: {err}") from None
-
-
 def _listing(root: Path) -> dict[str, Path]:
     """Case-insensitive file index of one folder: HRF mixes ``.jpg`` and ``.JPG``."""
     return {p.name.lower(): p for p in root.iterdir() if p.is_file()} if root.is_dir() else {}
@@ -210,21 +199,24 @@ class HrfAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: all((d / s).is_dir() for s in ("images", "manual1", "mask")), "images/, manual1/ and mask/ (HRF)")
+            unpacked = Unpacked(paths, scratch)
+            root = find_dir(unpacked.bases, lambda d: all((d / s).is_dir() for s in ("images", "manual1", "mask")), "images/, manual1/ and mask/ (HRF)")
             images, labels, masks = (_listing(root / s) for s in ("images", "manual1", "mask"))
-            pairs: list[tuple[Path, Path]] = []
+            subjects: list[Subject] = []
             missing: list[str] = []
             for id_, lab, fov in self.expected():
+                found: list[Source] = []
                 for sub, name, index in (("images", f"{id_}.jpg", images), ("manual1", lab, labels), ("mask", fov, masks)):
                     src = index.get(name.lower())
                     if src is None:
                         missing.append(f"{sub}/{name}")
                     else:
-                        pairs.append((src, tmp / sub / name))
+                        found.append(Source(src, tmp / sub / name))
+                if len(found) == 3:
+                    subjects.append(Subject(id_, image=found[0], label=found[1], fov=found[2]))
             if missing:
-                raise missing_error(root, missing, "HRF")
-            copy_files(pairs, "copy HRF")
+                raise missing_error(Path(unpacked.rename(str(root))), missing, "HRF")
+            ingest(subjects, "check and copy HRF", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
@@ -257,23 +249,21 @@ class ChaseAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: "image_01l.jpg" in _listing(d), "Image_01L.jpg (CHASE_DB1)")
+            unpacked = Unpacked(paths, scratch)
+            root = find_dir(unpacked.bases, lambda d: "image_01l.jpg" in _listing(d), "Image_01L.jpg (CHASE_DB1)")
             index = _listing(root)
-            pairs: list[tuple[Path, Path]] = []
+            subjects: list[Subject] = []
             missing: list[str] = []
             for id_ in self.ids():
-                for name, sub in ((f"{id_}.jpg", "images"), (f"{id_}_1stHO.png", "labels")):
-                    src = index.get(name.lower())
-                    if src is None:
-                        missing.append(name)
-                    else:
-                        pairs.append((src, tmp / sub / name))
+                image, label = index.get(f"{id_}.jpg".lower()), index.get(f"{id_}_1stHO.png".lower())
+                missing += [name for name, src in ((f"{id_}.jpg", image), (f"{id_}_1stHO.png", label)) if src is None]
+                if image is not None and label is not None:
+                    subjects.append(Subject(id_, image=Source(image, tmp / "images" / f"{id_}.jpg"),
+                                            label=Source(label, tmp / "labels" / f"{id_}_1stHO.png"),
+                                            derive_fov=tmp / "fov" / f"{id_}.png"))  # fmt: skip
             if missing:
-                raise missing_error(root, missing, "CHASE_DB1")
-            copy_files(pairs, "copy CHASE_DB1")
-            for id_ in tqdm(self.ids(), desc="CHASE_DB1 FOV", unit="img", disable=None, leave=False):
-                _write_fov(tmp / "images" / f"{id_}.jpg", tmp / "fov" / f"{id_}.png")
+                raise missing_error(Path(unpacked.rename(str(root))), missing, "CHASE_DB1")
+            ingest(subjects, "check and copy CHASE_DB1", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
@@ -307,21 +297,21 @@ class StareAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
+            unpacked = Unpacked(paths, scratch)
             # The two tars unpack flat; index every file under every base by lower-case name.
-            index = {p.name.lower(): p for b in bases for p in sorted(b.rglob("*")) if p.is_file()}
-            missing = []
-            for id_ in STARE_IDS:
-                for name, sub in ((f"{id_}.ppm", "images"), (f"{id_}.ah.ppm", "labels")):
-                    src = index.get(name) or index.get(name + ".gz")
-                    if src is None:
-                        missing.append(f"{name}[.gz]")
-                    else:
-                        _copy_maybe_gz(src, tmp / sub / name)
+            index = {p.name.lower(): p for b in unpacked.bases for p in sorted(b.rglob("*")) if p.is_file()}
+            missing = [f"{name}[.gz]" for id_ in STARE_IDS for name in (f"{id_}.ppm", f"{id_}.ah.ppm")
+                       if name not in index and name + ".gz" not in index]  # fmt: skip
             if missing:
                 raise missing_error(Path(str(source or download_dir())), missing, "STARE")
-            for id_ in tqdm(STARE_IDS, desc="STARE FOV", unit="img", disable=None, leave=False):
-                _write_fov(tmp / "images" / f"{id_}.ppm", tmp / "fov" / f"{id_}.png")
+            subjects: list[Subject] = []
+            for id_ in tqdm(STARE_IDS, desc="STARE gunzip", unit="img", disable=None, leave=False):
+                image, label = (
+                    Source(_plain(index.get(name) or index[name + ".gz"], scratch / "gunzip", unpacked), tmp / sub / name)
+                    for name, sub in ((f"{id_}.ppm", "images"), (f"{id_}.ah.ppm", "labels"))
+                )
+                subjects.append(Subject(id_, image=image, label=label, derive_fov=tmp / "fov" / f"{id_}.png"))
+            ingest(subjects, "check and copy STARE", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
@@ -332,17 +322,20 @@ class StareAdapter:
         return _samples_from(raw, rows)  # type: ignore[arg-type]
 
 
-def _copy_maybe_gz(src: Path, dst: Path) -> None:
-    """STARE ships each PPM gzip-compressed inside the tar; store them plain."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def _plain(src: Path, folder: Path, unpacked: Unpacked) -> Path:
+    """STARE ships each PPM gzip-compressed inside the tar: the file to read, decompressed
+    into scratch ``folder`` when it is a ``.gz`` (and named as the ``.gz`` in messages)."""
     if src.suffix.lower() != ".gz":
-        shutil.copyfile(src, dst)
-        return
+        return src
+    out = folder / src.with_suffix("").name
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
+        with gzip.open(src, "rb") as fin, open(out, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     except (OSError, EOFError) as err:
-        raise DataError(f"{src}: not a readable gzip file ({err})") from None
+        raise DataError(f"{unpacked.rename(str(src))}: not a readable gzip file ({err})") from None
+    unpacked.alias(out, unpacked.rename(str(src)))
+    return out
 
 
 # ---------------------------------------------------------------- Kaggle retina
@@ -363,29 +356,28 @@ class RetinaKaggleAdapter:
         paths = split_source(source, self.name, self.layout)
         log.warning("retina_kaggle is DRIVE resized and augmented: do not combine or compare it with DRIVE")
         with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: (d / "train" / "image").is_dir() and (d / "train" / "mask").is_dir(), "train/image/ and train/mask/ (Kaggle retina)")
+            unpacked = Unpacked(paths, scratch)
+            root = find_dir(unpacked.bases, lambda d: (d / "train" / "image").is_dir() and (d / "train" / "mask").is_dir(), "train/image/ and train/mask/ (Kaggle retina)")
             unpaired: list[str] = []
-            n_soft = n = 0
+            subjects: list[Subject] = []
             for split in ("train", "test"):
                 images = {p.stem: p for p in (root / split / "image").glob("*.png")}
                 masks = {p.stem: p for p in (root / split / "mask").glob("*.png")}
                 unpaired += [f"{split}/image/{s}.png" for s in sorted(images.keys() - masks.keys())]
                 unpaired += [f"{split}/mask/{s}.png" for s in sorted(masks.keys() - images.keys())]
-                for stem in tqdm(sorted(images.keys() & masks.keys()), desc=f"Kaggle {split}", unit="img", disable=None, leave=False):
+                for stem in sorted(images.keys() & masks.keys()):
                     id_ = f"{split}_{stem}"
-                    shutil.copyfile(images[stem], _mkparent(tmp / "images" / f"{id_}.png"))
-                    mask, soft = _binarize(masks[stem])
-                    n_soft += soft
-                    n += 1
-                    io.write_png(tmp / "labels" / f"{id_}.png", mask)
-                    _write_fov(tmp / "images" / f"{id_}.png", tmp / "fov" / f"{id_}.png")
+                    subjects.append(Subject(id_, image=Source(images[stem], tmp / "images" / f"{id_}.png"),
+                                            label=Source(masks[stem], tmp / "labels" / f"{id_}.png"),
+                                            derive_fov=tmp / "fov" / f"{id_}.png"))  # fmt: skip
+            shown = unpacked.rename(str(root))
             if unpaired:
-                raise DataError(f"{root}: files without a partner image/mask: {', '.join(unpaired[:12])}")
-            if n == 0:
-                raise DataError(f"{root}: no image/mask pairs found ({self.layout})")
-            if n_soft:
-                log.warning("retina_kaggle: %d of %d masks were not binary; thresholded at half their maximum", n_soft, n)
+                raise DataError(f"{shown}: files without a partner image/mask: {', '.join(unpaired[:12])}")
+            if not subjects:
+                raise DataError(f"{shown}: no image/mask pairs found ({self.layout})")
+            # Its masks were interpolated: ingest thresholds each at half its maximum,
+            # stores it binary and warns naming the mask.
+            ingest(subjects, "check and copy Kaggle retina", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
@@ -396,17 +388,4 @@ class RetinaKaggleAdapter:
         return _samples_from(raw, rows)  # type: ignore[arg-type]
 
 
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _binarize(path: Path) -> tuple[np.ndarray, bool]:
-    """(mask as bool, whether it had more than two grey levels), read without io's per-file warning."""
-    arr = io.read_image(path)
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    values = np.unique(arr)
-    top = int(values.max())
-    return (arr > top / 2.0) if top > 0 else np.zeros(arr.shape, bool), values.size > 2
 

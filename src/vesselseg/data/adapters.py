@@ -88,7 +88,9 @@ def split_source(source: Path | str | None, dataset: str, layout: str) -> list[P
     make a run depend on whatever happens to lie there.
     """
     if source is None or str(source).strip() == "":
-        raise ParamsError(f"data.source: not set; dataset {dataset!r} is not downloaded automatically: set it to {layout}")
+        raise ParamsError(
+            f"data.source: not set; dataset {dataset!r} is not downloaded automatically: set it to {layout}"
+        )
     paths = [Path(p).expanduser() for p in str(source).split(os.pathsep) if p.strip()]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -194,5 +196,7 @@ def require_raw(raw_dir: Path, dataset: str) -> Path:
     except (OSError, json.JSONDecodeError, AttributeError):
         raise DataError(f"{marker}: unreadable; run the download stage again") from None
     if held != dataset:
-        raise DataError(f"{raw_dir}: holds dataset {held!r} but data.dataset is {dataset!r}; run the download stage again")
+        raise DataError(
+            f"{raw_dir}: holds dataset {held!r} but data.dataset is {dataset!r}; run the download stage again"
+        )
     return raw_dir

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 # end, repeatedly, case-insensitively ("21_training_mask" -> "21_training" -> "21").
 # Images, labels and FOV masks pair when their keys are equal.
 ROLE_SUFFIX = re.compile(
-    r"[_\-.](mask|masks|label|labels|manual\d?|gt|seg|segmentation|vessels?|fov|image|img|training|train|test)$", re.IGNORECASE
+    r"[_\-.](mask|masks|label|labels|manual\d?|gt|seg|segmentation|vessels?|fov|image|img|training|train|test)$",
+    re.IGNORECASE,
 )
 
 
@@ -85,7 +86,11 @@ class FolderAdapter:
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
-        found = {role: _image_files([str(p) for p in (raw / role).glob("*")]) for role in ("images", "labels", "fov") if (raw / role).is_dir()}
+        found = {
+            role: _image_files([str(p) for p in (raw / role).glob("*")])
+            for role in ("images", "labels", "fov")
+            if (raw / role).is_dir()
+        }
         return _pair(raw, found)
 
 
@@ -114,7 +119,12 @@ def _pair(root: Path, found: dict[str, list[Path]]) -> list[RawSample]:
         unpaired += [f"image {images[k].name} (no FOV)" for k in sorted(images.keys() - fovs.keys())]
         unpaired += [f"FOV {fovs[k].name}" for k in sorted(fovs.keys() - images.keys())]
     if unpaired:
-        raise listing_error(root, "unpaired file(s) (pairing strips suffixes like _mask, _label, _manual1 from stems)", unpaired)
+        raise listing_error(
+            root, "unpaired file(s) (pairing strips suffixes like _mask, _label, _manual1 from stems)", unpaired
+        )
     if not images:
         raise DataError(f"{root}: no images found")
-    return [RawSample(id=k, image=images[k], label=labels[k], fov=fovs[k] if fovs else None) for k in sorted(images, key=io.natural_key)]
+    return [
+        RawSample(id=k, image=images[k], label=labels[k], fov=fovs[k] if fovs else None)
+        for k in sorted(images, key=io.natural_key)
+    ]

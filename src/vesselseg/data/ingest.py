@@ -125,7 +125,9 @@ class _Warnings:
     def summary(self) -> None:
         for kind, n in self.counts.items():
             if n > WARNINGS_LISTED:
-                log.warning("... and %d more file(s) with the same warning, the last: %s", n - WARNINGS_LISTED, self.last[kind])
+                log.warning(
+                    "... and %d more file(s) with the same warning, the last: %s", n - WARNINGS_LISTED, self.last[kind]
+                )
 
 
 class _Capture(logging.Handler):

@@ -50,7 +50,9 @@ class LggMriAdapter:
     """
 
     name = "lgg_mri"
-    layout = "the kaggle_3m folder (or the Kaggle zip): one folder per patient with <patient>_N.tif and <patient>_N_mask.tif"
+    layout = (
+        "the kaggle_3m folder (or the Kaggle zip): one folder per patient with <patient>_N.tif and <patient>_N_mask.tif"
+    )
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, self.layout)

@@ -47,7 +47,9 @@ def official_split(subject: int, subset: str) -> Split:
     """The OCTA-500 split of one subject id; DataError when it is not in ``subset``."""
     first, last, n_train, n_val = SUBSETS[subset]
     if not first <= subject <= last:
-        raise DataError(f"subject {subject} is not an OCTA-500 {subset} subject ({first}-{last}); check data.octa500.subset")
+        raise DataError(
+            f"subject {subject} is not an OCTA-500 {subset} subject ({first}-{last}); check data.octa500.subset"
+        )
     k = subject - first
     return "train" if k < n_train else "val" if k < n_train + n_val else "test"
 
@@ -77,7 +79,9 @@ class Octa500Adapter:
                 try:
                     root = find_dir(bases, _is_2d_root, "Training|Validation/*_images (OCTA-500 2D)")
                 except DataError:
-                    raise DataError(f"{source}: neither {sub}/ nor the 2D release found; data.source must be {LAYOUT}") from None
+                    raise DataError(
+                        f"{source}: neither {sub}/ nor the 2D release found; data.source must be {LAYOUT}"
+                    ) from None
                 layout = "2d"
             if layout == "full":
                 subjects = self._full(root if root.name == sub else root / sub, tmp, p.subset, p.label, p.projection)
@@ -95,10 +99,16 @@ class Octa500Adapter:
     def _full(root: Path, tmp: Path, subset: str, label: str, projection: str) -> list[Subject]:
         available = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("GT_"))
         if not (root / label).is_dir():
-            raise ParamsError(f"data.octa500.label: {label!r} not found in {root} (available: {', '.join(available) or 'none'})")
+            raise ParamsError(
+                f"data.octa500.label: {label!r} not found in {root} (available: {', '.join(available) or 'none'})"
+            )
         if projection == VOLUME:
             src_dir = root / "OCTA"
-            subjects = {int(d.name): d for d in src_dir.iterdir() if d.is_dir() and d.name.isdigit()} if src_dir.is_dir() else {}
+            subjects = (
+                {int(d.name): d for d in src_dir.iterdir() if d.is_dir() and d.name.isdigit()}
+                if src_dir.is_dir()
+                else {}
+            )
         else:
             maps = root / "Projection Maps"
             if not (maps / projection).is_dir():
@@ -119,7 +129,11 @@ class Octa500Adapter:
         for i, src in sorted(subjects.items()):
             lab = Source(labels[i], tmp / "labels" / f"{i}.bmp")
             if projection == VOLUME:
-                out.append(Subject(str(i), label=lab, volume=VolumeSource(tuple(io.list_slices(src)), tmp / "volumes" / str(i))))
+                out.append(
+                    Subject(
+                        str(i), label=lab, volume=VolumeSource(tuple(io.list_slices(src)), tmp / "volumes" / str(i))
+                    )
+                )
             else:
                 out.append(Subject(str(i), label=lab, image=Source(src, tmp / "images" / f"{i}.bmp")))
         return out
@@ -127,7 +141,9 @@ class Octa500Adapter:
     @staticmethod
     def _flat(root: Path, tmp: Path, subset: str, projection: str) -> list[Subject]:
         if projection == VOLUME:
-            raise ParamsError(f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)")
+            raise ParamsError(
+                f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)"
+            )
         pairs: list[Subject] = []
         missing: list[str] = []
         for split_dir in sorted(c for c in root.iterdir() if c.is_dir() and c.name.lower() in _SPLIT_DIRS):
@@ -138,12 +154,24 @@ class Octa500Adapter:
                     if i is None:
                         continue
                     if official_split(i, subset) != _SPLIT_DIRS[split_dir.name.lower()]:
-                        log.warning("%s: in %s/ but the official split puts subject %d in %s", img, split_dir.name, i, official_split(i, subset))
+                        log.warning(
+                            "%s: in %s/ but the official split puts subject %d in %s",
+                            img,
+                            split_dir.name,
+                            i,
+                            official_split(i, subset),
+                        )
                     lab = labels / img.name
                     if not lab.is_file():
                         missing.append(str(lab.relative_to(root)))
                         continue
-                    pairs.append(Subject(str(i), image=Source(img, tmp / "images" / f"{i}.bmp"), label=Source(lab, tmp / "labels" / f"{i}.bmp")))
+                    pairs.append(
+                        Subject(
+                            str(i),
+                            image=Source(img, tmp / "images" / f"{i}.bmp"),
+                            label=Source(lab, tmp / "labels" / f"{i}.bmp"),
+                        )
+                    )
         if missing:
             raise missing_error(root, missing, "OCTA-500 2D")
         if not pairs:
@@ -158,7 +186,7 @@ class Octa500Adapter:
         except (OSError, json.JSONDecodeError):
             raise DataError(f"{meta_file}: missing or unreadable; run the download stage again") from None
         p = params.octa500
-        wanted = {"subset": p.subset}
+        wanted: dict[str, str] = {"subset": p.subset}
         if meta.get("layout") == "full":
             wanted.update(label=p.label, projection=p.projection)
         stale = [f"data.octa500.{k}={v!r} (raw has {meta.get(k)!r})" for k, v in wanted.items() if meta.get(k) != v]
@@ -193,7 +221,13 @@ class SyntheticOctaAdapter:
         s = params.synthetic
         with building(raw_dir, self.name) as tmp:
             generate_octa_dataset(
-                tmp, n_subjects=s.n_subjects, n_bscans=s.n_bscans, depth=s.depth, width=s.width, slab=tuple(s.slab), seed=params.seed
+                tmp,
+                n_subjects=s.n_subjects,
+                n_bscans=s.n_bscans,
+                depth=s.depth,
+                width=s.width,
+                slab=(s.slab[0], s.slab[1]),
+                seed=params.seed,
             )
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:

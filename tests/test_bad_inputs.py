@@ -1190,6 +1190,14 @@ def test_a_bad_member_of_a_users_archive_is_named_inside_the_archive(
     assert f"{archive}:DRIVE/training/images/21_training.tif: not a readable TIFF" in last, last
     assert snapshot(root) == before
 
+    # an archive without the expected layout: the message names the archive, not its scratch copy
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes.txt", "no images here")
+    code, err = _download(capsys)
+    last = err.rstrip("\n").splitlines()[-1]
+    assert code == 1 and last.startswith(f"error: {archive}: no folder with training/images/"), last
+    assert ".tmp-" not in last, last
+
 
 def test_every_adapter_that_copies_user_files_is_covered() -> None:
     from vesselseg.data.adapters import adapter_names

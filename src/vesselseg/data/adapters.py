@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 from vesselseg import atomic
 from vesselseg.data.archive import safe_extract
 from vesselseg.data.sample import RawSample
-from vesselseg.errors import DataError, ParamsError
+from vesselseg.errors import DataError, ParamsError, VesselsegError
 from vesselseg.params import DataParams
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class Unpacked:
     """
 
     def __init__(self, paths: Iterable[Path], scratch: Path) -> None:
+        self.scratch = scratch
         self.bases: list[Path] = []
         self._names: list[tuple[str, str]] = []  # (path prefix as read, what the user knows)
         for i, path in enumerate(paths):
@@ -128,7 +129,7 @@ class Unpacked:
                 out = scratch / f"source{i}"
                 safe_extract(path, out)
                 self.bases.append(out)
-                self._names.append((f"{out}{os.sep}", f"{path}:"))
+                self._names += [(f"{out}{os.sep}", f"{path}:"), (str(out), str(path))]
 
     def alias(self, read: Path, shown: str) -> None:
         """Name ``read`` (a decompressed copy, say) as ``shown`` in messages."""
@@ -139,6 +140,24 @@ class Unpacked:
         for read, shown in sorted(self._names, key=lambda pair: -len(pair[0])):
             text = text.replace(read, shown)
         return text
+
+
+@contextlib.contextmanager
+def unpacked_source(paths: Iterable[Path], raw_dir: Path) -> Iterator[Unpacked]:
+    """:class:`Unpacked` in a scratch folder beside ``raw_dir``, removed afterwards.
+
+    Any error raised inside names what the user knows (``<archive>:<member>``), not
+    the scratch folder: one place for every message, whichever helper raised it.
+    """
+    with scratch_dir(raw_dir) as scratch:
+        unpacked = Unpacked(paths, scratch)
+        try:
+            yield unpacked
+        except VesselsegError as err:
+            renamed = unpacked.rename(str(err))
+            if renamed == str(err):
+                raise
+            raise type(err)(renamed) from None
 
 
 def find_dir(bases: Iterable[Path], accept: Callable[[Path], bool], what: str, max_depth: int = 4) -> Path:

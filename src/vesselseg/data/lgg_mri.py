@@ -7,7 +7,14 @@ import re
 from pathlib import Path
 
 from vesselseg import io
-from vesselseg.data.adapters import Unpacked, building, find_dir, listing_error, require_raw, scratch_dir, split_source
+from vesselseg.data.adapters import (
+    building,
+    find_dir,
+    listing_error,
+    require_raw,
+    split_source,
+    unpacked_source,
+)
 from vesselseg.data.ingest import Source, Subject, ingest
 from vesselseg.data.sample import RawSample
 from vesselseg.errors import DataError
@@ -56,8 +63,7 @@ class LggMriAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             root = find_dir(unpacked.bases, _is_lgg_root, "patient folders with *_mask.tif (kaggle_3m)")
             pairs, unpaired = _lgg_pairs(root)
             if unpaired:

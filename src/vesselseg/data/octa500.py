@@ -24,7 +24,14 @@ import logging
 from pathlib import Path
 
 from vesselseg import atomic, io
-from vesselseg.data.adapters import Unpacked, building, find_dir, missing_error, require_raw, scratch_dir, split_source
+from vesselseg.data.adapters import (
+    building,
+    find_dir,
+    missing_error,
+    require_raw,
+    split_source,
+    unpacked_source,
+)
 from vesselseg.data.ingest import Source, Subject, VolumeSource, ingest
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, ParamsError
@@ -69,8 +76,7 @@ class Octa500Adapter:
         paths = split_source(source, self.name, LAYOUT)
         p = params.octa500
         sub = SUBSET_DIRS[p.subset]
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             bases = unpacked.bases
             try:
                 root = find_dir(bases, lambda d: d.name == sub or (d / sub).is_dir(), f"{sub}/")

@@ -32,8 +32,8 @@ from vesselseg.data.adapters import (
     find_dir,
     missing_error,
     require_raw,
-    scratch_dir,
     split_source,
+    unpacked_source,
 )
 from vesselseg.data.download import DownloadSpec, download, pin_text, sha256_of, verify
 from vesselseg.data.ingest import Source, Subject, ingest
@@ -90,8 +90,7 @@ class DriveAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, DRIVE_LAYOUT)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             subjects: list[Subject] = []
             missing: list[str] = []
             for part, _ in DRIVE_PARTS:
@@ -221,8 +220,7 @@ class HrfAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             root = find_dir(
                 unpacked.bases,
                 lambda d: all((d / s).is_dir() for s in ("images", "manual1", "mask")),
@@ -291,8 +289,7 @@ class ChaseAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             root = find_dir(unpacked.bases, lambda d: "image_01l.jpg" in _listing(d), "Image_01L.jpg (CHASE_DB1)")
             index = _listing(root)
             subjects: list[Subject] = []
@@ -351,8 +348,7 @@ class StareAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             # The two tars unpack flat; index every file under every base by lower-case name.
             index = {p.name.lower(): p for b in unpacked.bases for p in sorted(b.rglob("*")) if p.is_file()}
             missing = [f"{name}[.gz]" for id_ in STARE_IDS for name in (f"{id_}.ppm", f"{id_}.ah.ppm")
@@ -363,7 +359,8 @@ class StareAdapter:
             for id_ in tqdm(STARE_IDS, desc="STARE gunzip", unit="img", disable=None, leave=False):
                 image, label = (
                     Source(
-                        _plain(index.get(name) or index[name + ".gz"], scratch / "gunzip", unpacked), tmp / sub / name
+                        _plain(index.get(name) or index[name + ".gz"], unpacked.scratch / "gunzip", unpacked),
+                        tmp / sub / name,
                     )
                     for name, sub in ((f"{id_}.ppm", "images"), (f"{id_}.ah.ppm", "labels"))
                 )
@@ -412,8 +409,7 @@ class RetinaKaggleAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, self.layout)
         log.warning("retina_kaggle is DRIVE resized and augmented: do not combine or compare it with DRIVE")
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            unpacked = Unpacked(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             root = find_dir(
                 unpacked.bases,
                 lambda d: (d / "train" / "image").is_dir() and (d / "train" / "mask").is_dir(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from vesselseg import atomic, io
@@ -94,7 +95,7 @@ class Octa500Adapter:
             else:
                 log.info("%s: OCTA-500 2D release; data.octa500.label and .projection do not apply (one map, one label)",
                          unpacked.rename(str(root)))  # fmt: skip
-                subjects = self._flat(root, tmp, p.subset, p.projection)
+                subjects = self._flat(root, tmp, p.subset, p.projection, unpacked.rename)
             ingest(subjects, "check and copy OCTA-500", unpacked.rename)
             meta = {"layout": layout, "subset": p.subset, "label": p.label if layout == "full" else None,
                     "projection": p.projection if layout == "full" else "2d-release"}  # fmt: skip
@@ -145,7 +146,7 @@ class Octa500Adapter:
         return out
 
     @staticmethod
-    def _flat(root: Path, tmp: Path, subset: str, projection: str) -> list[Subject]:
+    def _flat(root: Path, tmp: Path, subset: str, projection: str, rename: Callable[[str], str]) -> list[Subject]:
         if projection == VOLUME:
             raise ParamsError(
                 f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)"
@@ -162,7 +163,7 @@ class Octa500Adapter:
                     if official_split(i, subset) != _SPLIT_DIRS[split_dir.name.lower()]:
                         log.warning(
                             "%s: in %s/ but the official split puts subject %d in %s",
-                            img,
+                            rename(str(img)),
                             split_dir.name,
                             i,
                             official_split(i, subset),

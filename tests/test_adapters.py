@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import io as pyio
+import json
 import logging
 import os
 import tarfile
@@ -22,8 +22,8 @@ from tests.conftest_http import LocalServer, http_server  # noqa: F401 (fixture)
 from vesselseg import imagefiles
 from vesselseg.data.adapters import Adapter, adapter_names, get_adapter
 from vesselseg.data.download import DownloadSpec
+from vesselseg.data.folder import pairing_key
 from vesselseg.data.fov import fov_from_image
-from vesselseg.data.other import pairing_key
 from vesselseg.errors import DataError, DownloadError, ParamsError
 from vesselseg.params import DATASETS, DataParams, FolderParams, Octa500Params
 
@@ -78,7 +78,9 @@ def test_unknown_dataset_names_the_param_suggests_and_lists() -> None:
     with pytest.raises(ParamsError) as exc:
         get_adapter("chase_db")
     msg = str(exc.value)
-    assert msg.startswith("data.dataset:") and "did you mean 'chase_db1'" in msg and "lgg_mri" in msg and "folder" in msg
+    assert (
+        msg.startswith("data.dataset:") and "did you mean 'chase_db1'" in msg and "lgg_mri" in msg and "folder" in msg
+    )
 
 
 def test_fov_from_image_recovers_the_disc_without_speck_or_hole() -> None:
@@ -96,7 +98,7 @@ def test_fov_from_image_recovers_the_disc_without_speck_or_hole() -> None:
 
 @pytest.mark.shared
 def test_fov_from_image_matches_drive_official_masks() -> None:
-    from PIL import Image  # DRIVE's LZW TIFFs: read independently of vesselseg.imagefiles
+    from PIL import Image  # DRIVE's LZW TIFFs: read independently of vesselseg.io
 
     root = _shared("DRIVE")
     for part, n in (("training", 21), ("training", 34), ("test", 3), ("test", 17)):
@@ -110,17 +112,25 @@ def test_fov_from_image_matches_drive_official_masks() -> None:
 
 
 def _drive_tree(root: Path, real: Path | None = None) -> Path:
-    """The DRIVE file list, as links to the real files or as tiny placeholders."""
+    """The DRIVE file list, as links to the real files or as tiny images (24x24)."""
+    from PIL import Image
+
     from vesselseg.data.retina import DRIVE_NUMBERS, drive_files
 
     for part, nums in DRIVE_NUMBERS.items():
         for n in nums:
-            for rel in drive_files(part, f"{n:02d}"):
+            for rel, small in zip(
+                drive_files(part, f"{n:02d}"),
+                (fundus(24, 24, n), np.eye(24, dtype=np.uint8) * 255, disc(24, 24).astype(np.uint8) * 255),
+                strict=True,
+            ):
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 if real is not None:
                     (root / rel).symlink_to(real / rel)
+                elif rel.endswith(".tif"):
+                    tifffile.imwrite(root / rel, small)
                 else:
-                    (root / rel).write_bytes(rel.encode())
+                    Image.fromarray(small).save(root / rel)
     return root
 
 
@@ -179,7 +189,9 @@ def test_drive_from_two_zips_and_without_source(tmp_path: Path) -> None:
     adapter = get_adapter("drive")
     raw = tmp_path / "raw" / "drive"
     adapter.materialize(raw, source=Path(os.pathsep.join(zips)), params=params(dataset="drive"))
-    assert (raw / "training/images/21_training.tif").read_bytes() == b"training/images/21_training.tif"
+    assert (raw / "training/images/21_training.tif").read_bytes() == (
+        tree / "training/images/21_training.tif"
+    ).read_bytes()
     assert len([p for p in raw.rglob("*.*") if p.is_file() and p.suffix != ".json"]) == 120
     assert json.loads((raw / "vesselseg-dataset.json").read_text()) == {"dataset": "drive"}
     assert {p.name for p in (tmp_path / "raw").iterdir()} == {"drive"}  # scratch removed
@@ -197,7 +209,7 @@ def test_synthetic_fundus_adapter_uses_the_drive_scanner(tmp_path: Path) -> None
     s = samples[0]
     assert imagefiles.read_image(s.image).shape[:2] == imagefiles.read_mask(s.label).shape == imagefiles.read_mask(s.fov).shape == (64, 64)
     # Same layout as DRIVE: the stamp in the raw folder stops a stale folder being read as DRIVE.
-    with pytest.raises(DataError, match="holds dataset 'synthetic-fundus' but data.dataset is 'drive'"):
+    with pytest.raises(DataError, match=r"holds dataset 'synthetic-fundus' but data\.dataset is 'drive'"):
         get_adapter("drive").samples(tmp_path / "raw", params(dataset="drive"))
 
 
@@ -231,24 +243,29 @@ def test_octa500_2d_release_on_the_real_dataset(tmp_path: Path) -> None:
         label = imagefiles.read_mask(s.label, (304, 304))
         assert 0.01 < label.mean() < 0.2
         assert s.image.read_bytes() == next(src.rglob(f"*_images/{s.id}.bmp")).read_bytes()
-    with pytest.raises(ParamsError, match="data.octa500.projection"):
-        adapter.materialize(tmp_path / "raw2", source=src, params=params(dataset="octa500", octa500={"projection": "volume"}))
+    with pytest.raises(ParamsError, match=r"data\.octa500\.projection"):
+        adapter.materialize(
+            tmp_path / "raw2", source=src, params=params(dataset="octa500", octa500={"projection": "volume"})
+        )
     with pytest.raises(DataError, match="subject 10301 is not an OCTA-500 6M subject"):
         adapter.materialize(tmp_path / "raw3", source=src, params=params(dataset="octa500", octa500={"subset": "6M"}))
     assert {p.name for p in tmp_path.iterdir()} == {"raw"}  # failed runs leave no folders
 
 
+N_BSCANS = 16  # B-scans per volume = en-face width; 16 is the smallest side ingested
+
+
 def _octa_full(root: Path, ids: list[int]) -> Path:
     base = root / "OCTA-500" / "OCTA_3mm"
     for k, i in enumerate(ids):
-        for b in range(1, 4):
+        for b in range(1, N_BSCANS + 1):
             vol = base / "OCTA" / str(i)
             vol.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(vol / f"{b}.bmp"), np.full((10, 6), 10 * b + k, np.uint8))
+            cv2.imwrite(str(vol / f"{b}.bmp"), np.full((10, 18), 10 * b + k, np.uint8))
         for sub in ("Projection Maps/OCTA(ILM_OPL)", "Projection Maps/OCTA(FULL)", "GT_LargeVessel", "GT_Capillary"):
             (base / sub).mkdir(parents=True, exist_ok=True)
             value = 255 if sub.startswith("GT") else 50 + k
-            cv2.imwrite(str(base / sub / f"{i}.bmp"), np.eye(6, 3, dtype=np.uint8) * value)
+            cv2.imwrite(str(base / sub / f"{i}.bmp"), np.eye(18, N_BSCANS, dtype=np.uint8) * value)
     return root / "OCTA-500"
 
 
@@ -259,8 +276,14 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     raw = tmp_path / "raw"
     adapter.materialize(raw, source=src, params=p)
     samples = adapter.samples(raw, p)
-    assert [(s.id, s.split) for s in samples] == [("10301", "train"), ("10440", "train"), ("10441", "val"), ("10451", "test"), ("10500", "test")]
-    assert (imagefiles.read_image(samples[2].image) == np.eye(6, 3, dtype=np.uint8) * 52).all()
+    assert [(s.id, s.split) for s in samples] == [
+        ("10301", "train"),
+        ("10440", "train"),
+        ("10441", "val"),
+        ("10451", "test"),
+        ("10500", "test"),
+    ]
+    assert (imagefiles.read_image(samples[2].image) == np.eye(18, N_BSCANS, dtype=np.uint8) * 52).all()
     with pytest.raises(DataError, match=r"data\.octa500\.projection='OCTA\(ILM_OPL\)'"):
         adapter.samples(raw, params(dataset="octa500", octa500={"label": "GT_Capillary"}))  # stale raw folder
 
@@ -268,12 +291,18 @@ def test_octa500_full_layout_maps_volumes_and_official_split(tmp_path: Path) -> 
     adapter.materialize(raw, source=src, params=pv)
     vols = adapter.samples(raw, pv)
     assert all(s.volume is not None for s in vols)
-    assert [imagefiles.read_image(f)[0, 0] for f in imagefiles.list_slices(vols[1].volume)] == [11, 21, 31]
+    assert [imagefiles.read_image(f)[0, 0] for f in imagefiles.list_slices(vols[1].volume)] == [
+        10 * b + 1 for b in range(1, N_BSCANS + 1)
+    ]
 
     with pytest.raises(ParamsError, match=r"data\.octa500\.label: 'GT_Artery'.*GT_Capillary, GT_LargeVessel"):
-        adapter.materialize(tmp_path / "r2", source=src, params=params(dataset="octa500", octa500={"label": "GT_Artery"}))
+        adapter.materialize(
+            tmp_path / "r2", source=src, params=params(dataset="octa500", octa500={"label": "GT_Artery"})
+        )
     with pytest.raises(DataError, match="neither OCTA_6mm/ nor the 2D release"):
-        adapter.materialize(tmp_path / "r3", source=src.parent, params=params(dataset="octa500", octa500={"subset": "6M"}))
+        adapter.materialize(
+            tmp_path / "r3", source=src.parent, params=params(dataset="octa500", octa500={"subset": "6M"})
+        )
     (src / "OCTA_3mm/GT_LargeVessel/10441.bmp").unlink()
     with pytest.raises(DataError, match=r"GT_LargeVessel/10441\.bmp"):
         adapter.materialize(tmp_path / "r4", source=src, params=params(dataset="octa500"))
@@ -323,7 +352,9 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_hrf_download_extract_and_fixed_split(http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hrf_download_extract_and_fixed_split(
+    http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = {}
     for c in ("h", "dr", "g"):
         for n in range(1, 16):
@@ -338,7 +369,9 @@ def test_hrf_download_extract_and_fixed_split(http_server: LocalServer, tmp_path
     assert (tmp_path / "downloads/hrf_all.zip").is_file()
     samples = adapter.samples(raw, params(dataset="hrf"))
     assert len(samples) == 45
-    assert sorted(s.id for s in samples if s.split == "train") == sorted(f"{n:02d}_{c}" for c in ("h", "dr", "g") for n in range(1, 6))
+    assert sorted(s.id for s in samples if s.split == "train") == sorted(
+        f"{n:02d}_{c}" for c in ("h", "dr", "g") for n in range(1, 6)
+    )
     s = next(s for s in samples if s.id == "07_dr")
     assert s.split == "test" and imagefiles.read_image(s.image).shape == (24, 32, 3)
     assert (imagefiles.read_mask(s.label, (24, 32)) == np.eye(24, 32, dtype=bool)).all()
@@ -350,7 +383,9 @@ def test_hrf_download_extract_and_fixed_split(http_server: LocalServer, tmp_path
         adapter.materialize(tmp_path / "r2", source=tmp_path / "downloads/hrf_all.zip", params=params(dataset="hrf"))
 
 
-def test_chase_download_derives_fov_and_splits_20_8(http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chase_download_derives_fov_and_splits_20_8(
+    http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = {}
     for n in range(1, 15):
         for eye in "LR":
@@ -370,10 +405,15 @@ def test_chase_download_derives_fov_and_splits_20_8(http_server: LocalServer, tm
         assert imagefiles.read_mask(s.label, (40, 48)).sum() == 40
 
 
-def test_stare_gzipped_members_in_two_tars(http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stare_gzipped_members_in_two_tars(
+    http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vesselseg.data.retina import STARE_IDS
 
-    images = {f"{i}.ppm.gz": gzip.compress(cv2.imencode(".ppm", fundus(36, 40, k)[:, :, ::-1])[1].tobytes()) for k, i in enumerate(STARE_IDS)}
+    images = {
+        f"{i}.ppm.gz": gzip.compress(cv2.imencode(".ppm", fundus(36, 40, k)[:, :, ::-1])[1].tobytes())
+        for k, i in enumerate(STARE_IDS)
+    }
     label = np.zeros((36, 40, 3), np.uint8)
     label[10:12] = 255
     labels = {f"{i}.ah.ppm.gz": gzip.compress(cv2.imencode(".ppm", label)[1].tobytes()) for i in STARE_IDS}
@@ -395,7 +435,7 @@ def test_stare_gzipped_members_in_two_tars(http_server: LocalServer, tmp_path: P
 # ---------------------------------------------------------------- other bring-your-own sets
 
 
-def test_retina_kaggle_thresholds_soft_masks_warning_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_retina_kaggle_thresholds_soft_masks_naming_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = tmp_path / "Data"
     soft = cv2.GaussianBlur(np.eye(32, dtype=np.uint8) * 255, (5, 5), 1.0)
     for split, n in (("train", 3), ("test", 2)):
@@ -409,10 +449,17 @@ def test_retina_kaggle_thresholds_soft_masks_warning_once(tmp_path: Path, caplog
     with caplog.at_level(logging.WARNING):
         adapter.materialize(raw, source=src, params=params(dataset="retina_kaggle"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("not binary" in w for w in warnings) == 1 and any("5 of 5 masks" in w for w in warnings)
+    soft_named = sorted(w.split(": label is not binary")[0] for w in warnings if "label is not binary" in w)
+    assert soft_named == sorted(str(p) for p in src.glob("*/mask/*.png"))  # each mask named once
     assert any("do not combine" in w for w in warnings)
     samples = adapter.samples(raw, params(dataset="retina_kaggle"))
-    assert [(s.id, s.split) for s in samples] == [("test_0", "test"), ("test_1", "test"), ("train_0", "train"), ("train_1", "train"), ("train_2", "train")]
+    assert [(s.id, s.split) for s in samples] == [
+        ("test_0", "test"),
+        ("test_1", "test"),
+        ("train_0", "train"),
+        ("train_1", "train"),
+        ("train_2", "train"),
+    ]
     stored = cv2.imread(str(samples[0].label), cv2.IMREAD_UNCHANGED)
     assert set(np.unique(stored)) == {0, 255}
     assert (stored > 0).tolist() == (soft > soft.max() / 2).tolist()
@@ -433,12 +480,14 @@ def test_lgg_mri_groups_by_patient_and_keeps_empty_slices(tmp_path: Path) -> Non
     raw = tmp_path / "raw"
     adapter.materialize(raw, source=tmp_path / "archive", params=params(dataset="lgg_mri"))
     samples = adapter.samples(raw, params(dataset="lgg_mri"))
-    assert [s.id for s in samples] == [f"TCGA_CS_4941_19960909_{k}" for k in (1, 2, 3)] + [f"TCGA_DU_5849_19950405_{k}" for k in (1, 2)]
+    assert [s.id for s in samples] == [f"TCGA_CS_4941_19960909_{k}" for k in (1, 2, 3)] + [
+        f"TCGA_DU_5849_19950405_{k}" for k in (1, 2)
+    ]
     assert [s.group for s in samples] == ["TCGA_CS_4941_19960909"] * 3 + ["TCGA_DU_5849_19950405"] * 2
     assert all(s.split is None for s in samples)
     assert imagefiles.read_image(samples[1].image).shape == (16, 16, 3) and not imagefiles.read_mask(samples[1].label).any()
     (src / "TCGA_DU_5849_19950405" / "TCGA_DU_5849_19950405_2_mask.tif").unlink()
-    with pytest.raises(DataError, match="TCGA_DU_5849_19950405_2.tif"):
+    with pytest.raises(DataError, match=r"TCGA_DU_5849_19950405_2\.tif"):
         adapter.materialize(tmp_path / "raw2", source=tmp_path / "archive", params=params(dataset="lgg_mri"))
 
 
@@ -453,9 +502,9 @@ def test_folder_adapter_pairs_by_stem_and_lists_unpaired(tmp_path: Path) -> None
     for sub in ("img", "gt", "roi"):
         (src / sub).mkdir(parents=True)
     for k in (1, 2, 10):
-        cv2.imwrite(str(src / "img" / f"eye{k}.png"), np.full((8, 8), k, np.uint8))
-        cv2.imwrite(str(src / "gt" / f"eye{k}_label.png"), np.eye(8, dtype=np.uint8) * 255)
-        cv2.imwrite(str(src / "roi" / f"eye{k}_fov.png"), np.ones((8, 8), np.uint8) * 255)
+        cv2.imwrite(str(src / "img" / f"eye{k}.png"), np.full((16, 16), k, np.uint8))
+        cv2.imwrite(str(src / "gt" / f"eye{k}_label.png"), np.eye(16, dtype=np.uint8) * 255)
+        cv2.imwrite(str(src / "roi" / f"eye{k}_fov.png"), np.ones((16, 16), np.uint8) * 255)
     (src / "gt" / "notes.txt").write_text("not an image")
     adapter = get_adapter("folder")
     p = params(dataset="folder", folder=FolderParams(images="img/*.png", labels="gt/*", fov="roi/*.png"))
@@ -463,17 +512,29 @@ def test_folder_adapter_pairs_by_stem_and_lists_unpaired(tmp_path: Path) -> None
     adapter.materialize(raw, source=src, params=p)
     samples = adapter.samples(raw, p)
     assert [s.id for s in samples] == ["eye1", "eye2", "eye10"]
-    assert samples[2].image.name == "eye10.png" and samples[2].label.name == "eye10_label.png" and samples[2].fov.name == "eye10_fov.png"
+    assert (
+        samples[2].image.name == "eye10.png"
+        and samples[2].label.name == "eye10_label.png"
+        and samples[2].fov.name == "eye10_fov.png"
+    )
     assert imagefiles.read_image(samples[2].image)[0, 0] == 10
 
-    cv2.imwrite(str(src / "img" / "eye3.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(src / "img" / "eye3.png"), np.zeros((16, 16), np.uint8))
     (src / "gt" / "eye1_label.png").rename(src / "gt" / "eyeX_label.png")
     with pytest.raises(DataError) as exc:
         adapter.materialize(tmp_path / "raw2", source=src, params=p)
-    assert "image eye1.png" in str(exc.value) and "image eye3.png" in str(exc.value) and "label eyeX_label.png" in str(exc.value)
+    assert (
+        "image eye1.png" in str(exc.value)
+        and "image eye3.png" in str(exc.value)
+        and "label eyeX_label.png" in str(exc.value)
+    )
     assert not (tmp_path / "raw2").exists()
     with pytest.raises(ParamsError, match=r"data\.folder\.labels: pattern 'nothing/\*'"):
-        adapter.materialize(tmp_path / "raw3", source=src, params=params(dataset="folder", folder={"images": "img/*.png", "labels": "nothing/*"}))
+        adapter.materialize(
+            tmp_path / "raw3",
+            source=src,
+            params=params(dataset="folder", folder={"images": "img/*.png", "labels": "nothing/*"}),
+        )
     with pytest.raises(ParamsError, match=r"data\.folder\.images: not set"):
         adapter.materialize(tmp_path / "raw3", source=src, params=params(dataset="folder"))
 
@@ -482,3 +543,39 @@ def test_samples_before_materialize_says_run_download(tmp_path: Path) -> None:
     for name in ("drive", "hrf", "octa500", "folder", "lgg_mri"):
         with pytest.raises(DataError, match="run the download stage"):
             get_adapter(name).samples(tmp_path / "nothing", params(dataset=name))
+
+
+def test_ingest_sums_up_a_long_run_of_one_warning_and_stores_binary_labels_whatever_the_log_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vesselseg.data.ingest import WARNINGS_LISTED, Source, Subject, ingest
+
+    soft = cv2.GaussianBlur(np.eye(32, dtype=np.uint8) * 255, (5, 5), 1.0)
+    subjects = []
+    for k in range(WARNINGS_LISTED + 2):
+        cv2.imwrite(str(tmp_path / f"i{k}.png"), fundus(32, 32, k)[:, :, ::-1])
+        cv2.imwrite(str(tmp_path / f"l{k}.png"), soft)
+        subjects.append(
+            Subject(
+                str(k),
+                image=Source(tmp_path / f"i{k}.png", tmp_path / "out" / f"i{k}.png"),
+                label=Source(tmp_path / f"l{k}.png", tmp_path / "out" / f"l{k}.png"),
+            )
+        )
+    io_logger = logging.getLogger("vesselseg.imagefiles")
+    io_logger.setLevel(logging.ERROR)  # a quiet log must not change what is stored
+    try:
+        with caplog.at_level(logging.WARNING, logger="vesselseg.data.ingest"):
+            ingest(subjects, "test")
+    finally:
+        io_logger.setLevel(logging.NOTSET)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == WARNINGS_LISTED + 1
+    assert warnings[-1].startswith("... and 2 more file(s) with the same warning, the last: ")
+    assert str(tmp_path / f"l{WARNINGS_LISTED + 1}.png") in warnings[-1]
+    for k in range(WARNINGS_LISTED + 2):
+        stored = cv2.imread(str(tmp_path / "out" / f"l{k}.png"), cv2.IMREAD_UNCHANGED)
+        assert set(np.unique(stored)) == {0, 255}
+        assert (stored > 0).tolist() == (soft > soft.max() / 2).tolist()
+        # images the reader did not change are copied byte for byte
+        assert (tmp_path / "out" / f"i{k}.png").read_bytes() == (tmp_path / f"i{k}.png").read_bytes()

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.conftest_http import LocalServer, free_port, http_server  # noqa: F401 (fixture)
 
+from tests.conftest_http import LocalServer, free_port, http_server  # noqa: F401 (fixture)
 from vesselseg.data.download import DownloadSpec, download, expected_sha256, sha256_env_var
 from vesselseg.errors import DownloadError
 
@@ -35,7 +35,9 @@ def test_downloads_verifies_and_then_skips_the_network(http_server: LocalServer,
     assert len(http_server.requests) == 1  # verified file reused, no second request
 
 
-def test_checksum_mismatch_names_url_sha_and_manual_path_and_leaves_nothing(http_server: LocalServer, tmp_path: Path) -> None:
+def test_checksum_mismatch_names_url_sha_and_manual_path_and_leaves_nothing(
+    http_server: LocalServer, tmp_path: Path
+) -> None:
     good = _serve(http_server)
     wrong = "0" * 64
     spec = DownloadSpec(url=good.url, sha256=wrong, filename=good.filename)
@@ -138,9 +140,9 @@ def test_existing_file_with_wrong_hash_is_reported_not_deleted(http_server: Loca
 
 
 def test_spec_rejects_malformed_pins_and_names() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sha256 must be 64"):
         DownloadSpec(url="http://x/y", sha256="abc", filename="y")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="plain file name"):
         DownloadSpec(url="http://x/y", sha256=None, filename="../y")
     with pytest.raises(ValueError, match="md5"):
         DownloadSpec(url="http://x/y", sha256=None, filename="y", md5="xyz")

@@ -187,7 +187,12 @@ def side_by_side(
 
 
 def to_markdown(df: pd.DataFrame, *, index: bool = False, floatfmt: str = ".4f") -> str:
-    """A GitHub markdown table; our own because pandas needs ``tabulate`` for it."""
+    """A GitHub markdown table.
+
+    Our own although pandas' ``to_markdown`` could render it (its tabulate comes with
+    DVC): NaN/NA/NaT become empty cells, timestamps show to the minute, and a ``|``
+    inside a cell is escaped, which tabulate does not do.
+    """
     frame = df.reset_index() if index else df
     header = [str(c) for c in frame.columns]
     rows = [[_cell(v, floatfmt) for v in rec] for rec in frame.itertuples(index=False, name=None)]

@@ -8,8 +8,12 @@ writing into the user's source.  ``samples`` (prepare stage) lists what is there
 first use, so importing the registry costs nothing and cannot fail on one dataset's
 dependencies.
 
+Every adapter that takes a user's files hands them to :func:`vesselseg.data.ingest.ingest`,
+which checks each file while the previous ``data/raw`` is still in place and names the
+user's file (or ``<archive>:<member>``) in every message.
+
 The helpers below are shared by the adapter modules: resolving ``data.source``,
-unpacking a user's archive into scratch space, finding a layout inside it, copying.
+unpacking a user's archive into scratch space, finding a layout inside it.
 """
 
 from __future__ import annotations
@@ -26,12 +30,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from tqdm import tqdm
-
 from vesselseg import atomic
 from vesselseg.data.archive import safe_extract
 from vesselseg.data.sample import RawSample
-from vesselseg.errors import DataError, ParamsError
+from vesselseg.errors import DataError, ParamsError, VesselsegError
 from vesselseg.params import DataParams
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,8 @@ _REGISTRY: dict[str, str] = {
     "chase_db1": "vesselseg.data.retina:ChaseAdapter",
     "stare": "vesselseg.data.retina:StareAdapter",
     "retina_kaggle": "vesselseg.data.retina:RetinaKaggleAdapter",
-    "lgg_mri": "vesselseg.data.other:LggMriAdapter",
-    "folder": "vesselseg.data.other:FolderAdapter",
+    "lgg_mri": "vesselseg.data.lgg_mri:LggMriAdapter",
+    "folder": "vesselseg.data.folder:FolderAdapter",
 }
 
 
@@ -86,7 +88,9 @@ def split_source(source: Path | str | None, dataset: str, layout: str) -> list[P
     make a run depend on whatever happens to lie there.
     """
     if source is None or str(source).strip() == "":
-        raise ParamsError(f"data.source: not set; dataset {dataset!r} is not downloaded automatically: set it to {layout}")
+        raise ParamsError(
+            f"data.source: not set; dataset {dataset!r} is not downloaded automatically: set it to {layout}"
+        )
     paths = [Path(p).expanduser() for p in str(source).split(os.pathsep) if p.strip()]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -106,17 +110,54 @@ def scratch_dir(near: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def unpack_sources(paths: Iterable[Path], scratch: Path) -> list[Path]:
-    """Folders are used in place (read only); archives are extracted into ``scratch``."""
-    bases: list[Path] = []
-    for i, path in enumerate(paths):
-        if path.is_dir():
-            bases.append(path)
-        else:
-            out = scratch / f"source{i}"
-            safe_extract(path, out)
-            bases.append(out)
-    return bases
+class Unpacked:
+    """``data.source`` ready to read: folders in place (read only), archives extracted
+    into ``scratch``; and the names the user knows for files read from scratch.
+
+    A file extracted from ``/u/DRIVE.zip`` is named ``/u/DRIVE.zip:training/images/21_training.tif``
+    in messages (:meth:`rename`), never by its temporary path.
+    """
+
+    def __init__(self, paths: Iterable[Path], scratch: Path) -> None:
+        self.scratch = scratch
+        self.bases: list[Path] = []
+        self._names: list[tuple[str, str]] = []  # (path prefix as read, what the user knows)
+        for i, path in enumerate(paths):
+            if path.is_dir():
+                self.bases.append(path)
+            else:
+                out = scratch / f"source{i}"
+                safe_extract(path, out)
+                self.bases.append(out)
+                self._names += [(f"{out}{os.sep}", f"{path}:"), (str(out), str(path))]
+
+    def alias(self, read: Path, shown: str) -> None:
+        """Name ``read`` (a decompressed copy, say) as ``shown`` in messages."""
+        self._names.append((str(read), shown))
+
+    def rename(self, text: str) -> str:
+        """``text`` with every path as read replaced by the name the user knows."""
+        for read, shown in sorted(self._names, key=lambda pair: -len(pair[0])):
+            text = text.replace(read, shown)
+        return text
+
+
+@contextlib.contextmanager
+def unpacked_source(paths: Iterable[Path], raw_dir: Path) -> Iterator[Unpacked]:
+    """:class:`Unpacked` in a scratch folder beside ``raw_dir``, removed afterwards.
+
+    Any error raised inside names what the user knows (``<archive>:<member>``), not
+    the scratch folder: one place for every message, whichever helper raised it.
+    """
+    with scratch_dir(raw_dir) as scratch:
+        unpacked = Unpacked(paths, scratch)
+        try:
+            yield unpacked
+        except VesselsegError as err:
+            renamed = unpacked.rename(str(err))
+            if renamed == str(err):
+                raise
+            raise type(err)(renamed) from None
 
 
 def find_dir(bases: Iterable[Path], accept: Callable[[Path], bool], what: str, max_depth: int = 4) -> Path:
@@ -138,11 +179,10 @@ def missing_error(root: Path, missing: list[str], dataset: str) -> DataError:
     return DataError(f"{root}: {dataset} is incomplete: {len(missing)} expected file(s) missing: {shown}")
 
 
-def copy_files(pairs: list[tuple[Path, Path]], desc: str) -> None:
-    """Copy (never link: DVC may make cached files read-only, and the source is the user's)."""
-    for src, dst in tqdm(pairs, desc=desc, unit="file", disable=None, leave=False):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+def listing_error(root: Path | str, what: str, names: list[str]) -> DataError:
+    """One line naming ``root``, how many ``what`` and the first dozen ``names``."""
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    return DataError(f"{root}: {len(names)} {what}: {shown}")
 
 
 MARKER = "vesselseg-dataset.json"
@@ -175,5 +215,7 @@ def require_raw(raw_dir: Path, dataset: str) -> Path:
     except (OSError, json.JSONDecodeError, AttributeError):
         raise DataError(f"{marker}: unreadable; run the download stage again") from None
     if held != dataset:
-        raise DataError(f"{raw_dir}: holds dataset {held!r} but data.dataset is {dataset!r}; run the download stage again")
+        raise DataError(
+            f"{raw_dir}: holds dataset {held!r} but data.dataset is {dataset!r}; run the download stage again"
+        )
     return raw_dir

@@ -127,7 +127,9 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         except DownloadError:
             raise
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
-            raise DownloadError(f"{archive}: cannot extract, archive is corrupt or truncated ({type(err).__name__}: {err})") from None
+            raise DownloadError(
+                f"{archive}: cannot extract, archive is corrupt or truncated ({type(err).__name__}: {err})"
+            ) from None
         rel = [p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file() or p.is_symlink()]
         _move_into(tmp, dest)
     finally:

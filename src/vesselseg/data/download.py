@@ -20,7 +20,6 @@ import http.client
 import logging
 import os
 import re
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -111,7 +110,9 @@ def pin_text(spec: DownloadSpec) -> str:
 
 def _fail(spec: DownloadSpec, final: Path, what: str) -> DownloadError:
     """One message holding everything needed to finish the job by hand."""
-    return DownloadError(f"{spec.url}: {what}; expected {pin_text(spec)}; you may download it manually and place it at {final}")
+    return DownloadError(
+        f"{spec.url}: {what}; expected {pin_text(spec)}; you may download it manually and place it at {final}"
+    )
 
 
 def _unpinned(spec: DownloadSpec, final: Path, actual: str) -> DownloadError:
@@ -168,7 +169,7 @@ def _fetch(spec: DownloadSpec, part: Path, final: Path, *, timeout: float, progr
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(spec.url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (URL comes from our own specs)
+        response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
             # Range beyond the end: the partial file is already complete; the checksum decides.
@@ -189,10 +190,19 @@ def _fetch(spec: DownloadSpec, part: Path, final: Path, *, timeout: float, progr
         total = offset + int(length) if length and length.isdigit() else None
         received = 0
         try:
-            with open(part, "ab" if resumed else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=spec.filename, disable=None if progress is None else not progress, leave=False,
-            ) as bar:
+            with (
+                open(part, "ab" if resumed else "wb") as out,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=spec.filename,
+                    disable=None if progress is None else not progress,
+                    leave=False,
+                ) as bar,
+            ):
                 while True:
                     block = response.read(_CHUNK)
                     if not block:
@@ -200,8 +210,10 @@ def _fetch(spec: DownloadSpec, part: Path, final: Path, *, timeout: float, progr
                     out.write(block)
                     received += len(block)
                     bar.update(len(block))
-        except (OSError, http.client.HTTPException, socket.timeout) as err:
-            raise _fail(spec, final, f"connection lost after {offset + received} bytes ({err}); re-run to resume") from None
+        except (TimeoutError, OSError, http.client.HTTPException) as err:
+            raise _fail(
+                spec, final, f"connection lost after {offset + received} bytes ({err}); re-run to resume"
+            ) from None
     if total is not None and offset + received < total:
         raise _fail(spec, final, f"transfer ended after {offset + received} of {total} bytes; re-run to resume")
 

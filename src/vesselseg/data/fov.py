@@ -43,12 +43,14 @@ def fov_from_image(
     top = float(np.percentile(red, 99.5))
     if top <= 0:
         raise DataError("fov_from_image: image is black; cannot find a field of view")
-    mask = (red > rel_threshold * top).astype(np.uint8)
+    mask: np.ndarray = (red > rel_threshold * top).astype(np.uint8)
     if closing_radius > 0:
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * closing_radius + 1, 2 * closing_radius + 1))
         # Pad so the closing does not glue the disc to the image border.
         pad = closing_radius + 1
-        mask = cv2.morphologyEx(cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0), cv2.MORPH_CLOSE, k)
+        mask = cv2.morphologyEx(
+            cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0), cv2.MORPH_CLOSE, k
+        )
         mask = mask[pad:-pad, pad:-pad]
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:

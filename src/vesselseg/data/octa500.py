@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from vesselseg import atomic, imagefiles
-from vesselseg.data.adapters import building, copy_files, find_dir, missing_error, require_raw, scratch_dir, split_source, unpack_sources
+from vesselseg.data.adapters import (
+    building,
+    find_dir,
+    missing_error,
+    require_raw,
+    split_source,
+    unpacked_source,
+)
+from vesselseg.data.ingest import Source, Subject, VolumeSource, ingest
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.params import DataParams
@@ -46,7 +55,9 @@ def official_split(subject: int, subset: str) -> Split:
     """The OCTA-500 split of one subject id; DataError when it is not in ``subset``."""
     first, last, n_train, n_val = SUBSETS[subset]
     if not first <= subject <= last:
-        raise DataError(f"subject {subject} is not an OCTA-500 {subset} subject ({first}-{last}); check data.octa500.subset")
+        raise DataError(
+            f"subject {subject} is not an OCTA-500 {subset} subject ({first}-{last}); check data.octa500.subset"
+        )
     k = subject - first
     return "train" if k < n_train else "val" if k < n_train + n_val else "test"
 
@@ -66,8 +77,8 @@ class Octa500Adapter:
         paths = split_source(source, self.name, LAYOUT)
         p = params.octa500
         sub = SUBSET_DIRS[p.subset]
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
+            bases = unpacked.bases
             try:
                 root = find_dir(bases, lambda d: d.name == sub or (d / sub).is_dir(), f"{sub}/")
                 layout = "full"
@@ -75,27 +86,36 @@ class Octa500Adapter:
                 try:
                     root = find_dir(bases, _is_2d_root, "Training|Validation/*_images (OCTA-500 2D)")
                 except DataError:
-                    raise DataError(f"{source}: neither {sub}/ nor the 2D release found; data.source must be {LAYOUT}") from None
+                    raise DataError(
+                        f"{source}: neither {sub}/ nor the 2D release found; data.source must be {LAYOUT}"
+                    ) from None
                 layout = "2d"
             if layout == "full":
-                pairs = self._full(root if root.name == sub else root / sub, tmp, p.subset, p.label, p.projection)
+                subjects = self._full(root if root.name == sub else root / sub, tmp, p.subset, p.label, p.projection)
             else:
-                log.info("%s: OCTA-500 2D release; data.octa500.label and .projection do not apply (one map, one label)", root)
-                pairs = self._flat(root, tmp, p.subset, p.projection)
-            copy_files(pairs, "copy OCTA-500")
+                log.info("%s: OCTA-500 2D release; data.octa500.label and .projection do not apply (one map, one label)",
+                         unpacked.rename(str(root)))  # fmt: skip
+                subjects = self._flat(root, tmp, p.subset, p.projection, unpacked.rename)
+            ingest(subjects, "check and copy OCTA-500", unpacked.rename)
             meta = {"layout": layout, "subset": p.subset, "label": p.label if layout == "full" else None,
                     "projection": p.projection if layout == "full" else "2d-release"}  # fmt: skip
             atomic.write_json(tmp / "octa500.json", meta)
-        log.info("OCTA-500 (%s layout, %s): %d files copied into %s", layout, p.subset, len(pairs), raw_dir)
+        log.info("OCTA-500 (%s layout, %s): %d subjects copied into %s", layout, p.subset, len(subjects), raw_dir)
 
     @staticmethod
-    def _full(root: Path, tmp: Path, subset: str, label: str, projection: str) -> list[tuple[Path, Path]]:
+    def _full(root: Path, tmp: Path, subset: str, label: str, projection: str) -> list[Subject]:
         available = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("GT_"))
         if not (root / label).is_dir():
-            raise ParamsError(f"data.octa500.label: {label!r} not found in {root} (available: {', '.join(available) or 'none'})")
+            raise ParamsError(
+                f"data.octa500.label: {label!r} not found in {root} (available: {', '.join(available) or 'none'})"
+            )
         if projection == VOLUME:
             src_dir = root / "OCTA"
-            subjects = {int(d.name): d for d in src_dir.iterdir() if d.is_dir() and d.name.isdigit()} if src_dir.is_dir() else {}
+            subjects = (
+                {int(d.name): d for d in src_dir.iterdir() if d.is_dir() and d.name.isdigit()}
+                if src_dir.is_dir()
+                else {}
+            )
         else:
             maps = root / "Projection Maps"
             if not (maps / projection).is_dir():
@@ -112,21 +132,26 @@ class Octa500Adapter:
             raise missing_error(root, missing, "OCTA-500")
         for i in subjects:
             official_split(i, subset)  # every id must belong to the chosen subset
-        pairs: list[tuple[Path, Path]] = []
+        out: list[Subject] = []
         for i, src in sorted(subjects.items()):
+            lab = Source(labels[i], tmp / "labels" / f"{i}.bmp")
             if projection == VOLUME:
-                slices = imagefiles.list_slices(src)
-                pairs += [(s, tmp / "volumes" / str(i) / s.name) for s in slices]
+                out.append(
+                    Subject(
+                        str(i), label=lab, volume=VolumeSource(tuple(imagefiles.list_slices(src)), tmp / "volumes" / str(i))
+                    )
+                )
             else:
-                pairs.append((src, tmp / "images" / f"{i}.bmp"))
-            pairs.append((labels[i], tmp / "labels" / f"{i}.bmp"))
-        return pairs
+                out.append(Subject(str(i), label=lab, image=Source(src, tmp / "images" / f"{i}.bmp")))
+        return out
 
     @staticmethod
-    def _flat(root: Path, tmp: Path, subset: str, projection: str) -> list[tuple[Path, Path]]:
+    def _flat(root: Path, tmp: Path, subset: str, projection: str, rename: Callable[[str], str]) -> list[Subject]:
         if projection == VOLUME:
-            raise ParamsError(f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)")
-        pairs: list[tuple[Path, Path]] = []
+            raise ParamsError(
+                f"data.octa500.projection: 'volume' needs the B-scan volumes, but {root} is the 2D release (projections only)"
+            )
+        pairs: list[Subject] = []
         missing: list[str] = []
         for split_dir in sorted(c for c in root.iterdir() if c.is_dir() and c.name.lower() in _SPLIT_DIRS):
             for images in sorted(split_dir.glob("*_images")):
@@ -136,12 +161,24 @@ class Octa500Adapter:
                     if i is None:
                         continue
                     if official_split(i, subset) != _SPLIT_DIRS[split_dir.name.lower()]:
-                        log.warning("%s: in %s/ but the official split puts subject %d in %s", img, split_dir.name, i, official_split(i, subset))
+                        log.warning(
+                            "%s: in %s/ but the official split puts subject %d in %s",
+                            rename(str(img)),
+                            split_dir.name,
+                            i,
+                            official_split(i, subset),
+                        )
                     lab = labels / img.name
                     if not lab.is_file():
                         missing.append(str(lab.relative_to(root)))
                         continue
-                    pairs += [(img, tmp / "images" / f"{i}.bmp"), (lab, tmp / "labels" / f"{i}.bmp")]
+                    pairs.append(
+                        Subject(
+                            str(i),
+                            image=Source(img, tmp / "images" / f"{i}.bmp"),
+                            label=Source(lab, tmp / "labels" / f"{i}.bmp"),
+                        )
+                    )
         if missing:
             raise missing_error(root, missing, "OCTA-500 2D")
         if not pairs:
@@ -156,7 +193,7 @@ class Octa500Adapter:
         except (OSError, json.JSONDecodeError):
             raise DataError(f"{meta_file}: missing or unreadable; run the download stage again") from None
         p = params.octa500
-        wanted = {"subset": p.subset}
+        wanted: dict[str, str] = {"subset": p.subset}
         if meta.get("layout") == "full":
             wanted.update(label=p.label, projection=p.projection)
         stale = [f"data.octa500.{k}={v!r} (raw has {meta.get(k)!r})" for k, v in wanted.items() if meta.get(k) != v]
@@ -191,7 +228,13 @@ class SyntheticOctaAdapter:
         s = params.synthetic
         with building(raw_dir, self.name) as tmp:
             generate_octa_dataset(
-                tmp, n_subjects=s.n_subjects, n_bscans=s.n_bscans, depth=s.depth, width=s.width, slab=tuple(s.slab), seed=params.seed
+                tmp,
+                n_subjects=s.n_subjects,
+                n_bscans=s.n_bscans,
+                depth=s.depth,
+                width=s.width,
+                slab=(s.slab[0], s.slab[1]),
+                seed=params.seed,
             )
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:

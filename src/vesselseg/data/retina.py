@@ -21,24 +21,22 @@ import gzip
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from vesselseg import imagefiles
 from vesselseg.data.adapters import (
+    Unpacked,
     building,
-    copy_files,
     find_dir,
     missing_error,
     require_raw,
-    scratch_dir,
     split_source,
-    unpack_sources,
+    unpacked_source,
 )
 from vesselseg.data.download import DownloadSpec, download, pin_text, sha256_of, verify
-from vesselseg.data.fov import fov_from_image
+from vesselseg.data.ingest import Source, Subject, ingest
 from vesselseg.data.sample import RawSample, Split
 from vesselseg.errors import DataError, DownloadError
 from vesselseg.params import DataParams
@@ -47,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- DRIVE layout
 
-DRIVE_PARTS = (("training", "train"), ("test", "test"))
+DRIVE_PARTS: tuple[tuple[str, Split], ...] = (("training", "train"), ("test", "test"))
 DRIVE_NUMBERS = {"training": range(21, 41), "test": range(1, 21)}
 DRIVE_LAYOUT = (
     "the DRIVE folder or zip(s) holding training/ and test/, each with images/NN_<part>.tif, "
@@ -57,7 +55,11 @@ DRIVE_LAYOUT = (
 
 def drive_files(part: str, num: str) -> tuple[str, str, str]:
     """Relative paths of image, label and FOV of one DRIVE image (``num`` like "21")."""
-    return (f"{part}/images/{num}_{part}.tif", f"{part}/1st_manual/{num}_manual1.gif", f"{part}/mask/{num}_{part}_mask.gif")
+    return (
+        f"{part}/images/{num}_{part}.tif",
+        f"{part}/1st_manual/{num}_manual1.gif",
+        f"{part}/mask/{num}_{part}_mask.gif",
+    )
 
 
 def scan_drive(root: Path, dataset: str = "drive") -> list[RawSample]:
@@ -77,6 +79,10 @@ def scan_drive(root: Path, dataset: str = "drive") -> list[RawSample]:
     return samples
 
 
+def _holds_images(part: str) -> Callable[[Path], bool]:
+    return lambda d: (d / part / "images").is_dir()
+
+
 class DriveAdapter:
     """DRIVE, bring your own (its terms forbid redistribution): copied, checked, never linked."""
 
@@ -84,22 +90,20 @@ class DriveAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, DRIVE_LAYOUT)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            pairs: list[tuple[Path, Path]] = []
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
+            subjects: list[Subject] = []
             missing: list[str] = []
             for part, _ in DRIVE_PARTS:
-                root = find_dir(bases, lambda d, p=part: (d / p / "images").is_dir(), f"{part}/images/ (DRIVE layout)")
+                root = find_dir(unpacked.bases, _holds_images(part), f"{part}/images/ (DRIVE layout)")
                 for n in DRIVE_NUMBERS[part]:
-                    for rel in drive_files(part, f"{n:02d}"):
-                        if (root / rel).is_file():
-                            pairs.append((root / rel, tmp / rel))
-                        else:
-                            missing.append(rel)
+                    rels = drive_files(part, f"{n:02d}")
+                    missing += [rel for rel in rels if not (root / rel).is_file()]
+                    image, label, fov = (Source(root / rel, tmp / rel) for rel in rels)
+                    subjects.append(Subject(f"{n:02d}_{part}", image=image, label=label, fov=fov))
             if missing:
                 raise missing_error(Path(str(source)), missing, "DRIVE")
-            copy_files(pairs, "copy DRIVE")
-        log.info("DRIVE: %d files copied into %s", len(pairs), raw_dir)
+            ingest(subjects, "check and copy DRIVE", unpacked.rename)
+        log.info("DRIVE: %d images with labels and FOV masks copied into %s", len(subjects), raw_dir)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         return scan_drive(require_raw(raw_dir, self.name), "DRIVE")
@@ -143,7 +147,9 @@ def download_dir() -> Path:
     return Path(cache) / "vesselseg" / "downloads"
 
 
-def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, dataset: str, layout: str) -> list[Path]:
+def obtain(
+    specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, dataset: str, layout: str
+) -> list[Path]:
     """The archives (or folders) holding the dataset: the user's ``data.source`` or downloads.
 
     A user's archive named like a pinned spec is held to that pin: the pin is what
@@ -157,19 +163,15 @@ def obtain(specs: tuple[DownloadSpec, ...], raw_dir: Path, source: Path | None, 
         if not p.is_file():
             continue
         spec = by_name.get(p.name)
-        ok, actual = verify(spec, p) if spec is not None else (None, f"sha256 {sha256_of(p)}")
+        if spec is None:
+            log.warning("%s: no pinned checksum to compare with; its sha256 %s", p, sha256_of(p))
+            continue
+        ok, actual = verify(spec, p)
         if ok is False:
-            raise DownloadError(f"{p}: {actual} does not match the pinned {pin_text(spec)} of {spec.url}")  # type: ignore[union-attr,arg-type]
+            raise DownloadError(f"{p}: {actual} does not match the pinned {pin_text(spec)} of {spec.url}")
         if ok is None:
             log.warning("%s: no pinned checksum to compare with; its %s", p, actual)
     return paths
-
-
-def _write_fov(image_path: Path, out: Path) -> None:
-    try:
-        imagefiles.write_png(out, fov_from_image(imagefiles.read_image(image_path)))
-    except DataError as err:
-        raise DataError(f"{image_path}: {err}") from None
 
 
 def _listing(root: Path) -> dict[str, Path]:
@@ -177,12 +179,19 @@ def _listing(root: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in root.iterdir() if p.is_file()} if root.is_dir() else {}
 
 
-def _samples_from(raw: Path, rows: list[tuple[str, str, str, str | None, Split]]) -> list[RawSample]:
+# (id, image, label, FOV or None, split), paths relative to the raw folder
+Row = tuple[str, str, str, str | None, Split]
+
+
+def _samples_from(raw: Path, rows: list[Row]) -> list[RawSample]:
     """Build samples from (id, image, label, fov, split) relative paths, checking each exists."""
     missing = [r for row in rows for r in row[1:4] if r is not None and not (raw / r).is_file()]
     if missing:
         raise missing_error(raw, missing, raw.name)
-    return [RawSample(id=i, image=raw / im, label=raw / lab, fov=raw / fov if fov else None, split=s) for i, im, lab, fov, s in rows]
+    return [
+        RawSample(id=i, image=raw / im, label=raw / lab, fov=raw / fov if fov else None, split=s)
+        for i, im, lab, fov, s in rows
+    ]
 
 
 HRF_CATEGORIES = ("h", "dr", "g")
@@ -205,34 +214,52 @@ class HrfAdapter:
     @staticmethod
     def expected() -> list[tuple[str, str, str]]:
         """(id, label file, fov file) for all 45 images; the image suffix varies in case."""
-        return [(f"{n:02d}_{c}", f"{n:02d}_{c}.tif", f"{n:02d}_{c}_mask.tif") for c in HRF_CATEGORIES for n in range(1, 16)]
+        return [
+            (f"{n:02d}_{c}", f"{n:02d}_{c}.tif", f"{n:02d}_{c}_mask.tif") for c in HRF_CATEGORIES for n in range(1, 16)
+        ]
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: all((d / s).is_dir() for s in ("images", "manual1", "mask")), "images/, manual1/ and mask/ (HRF)")
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
+            root = find_dir(
+                unpacked.bases,
+                lambda d: all((d / s).is_dir() for s in ("images", "manual1", "mask")),
+                "images/, manual1/ and mask/ (HRF)",
+            )
             images, labels, masks = (_listing(root / s) for s in ("images", "manual1", "mask"))
-            pairs: list[tuple[Path, Path]] = []
+            subjects: list[Subject] = []
             missing: list[str] = []
             for id_, lab, fov in self.expected():
-                for sub, name, index in (("images", f"{id_}.jpg", images), ("manual1", lab, labels), ("mask", fov, masks)):
+                found: list[Source] = []
+                for sub, name, index in (
+                    ("images", f"{id_}.jpg", images),
+                    ("manual1", lab, labels),
+                    ("mask", fov, masks),
+                ):
                     src = index.get(name.lower())
                     if src is None:
                         missing.append(f"{sub}/{name}")
                     else:
-                        pairs.append((src, tmp / sub / name))
+                        found.append(Source(src, tmp / sub / name))
+                if len(found) == 3:
+                    subjects.append(Subject(id_, image=found[0], label=found[1], fov=found[2]))
             if missing:
-                raise missing_error(root, missing, "HRF")
-            copy_files(pairs, "copy HRF")
+                raise missing_error(Path(unpacked.rename(str(root))), missing, "HRF")
+            ingest(subjects, "check and copy HRF", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
-        rows = [
-            (id_, f"images/{id_}.jpg", f"manual1/{lab}", f"mask/{fov}", "train" if int(id_[:2]) <= HRF_TRAIN_PER_CATEGORY else "test")
+        rows: list[Row] = [
+            (
+                id_,
+                f"images/{id_}.jpg",
+                f"manual1/{lab}",
+                f"mask/{fov}",
+                "train" if int(id_[:2]) <= HRF_TRAIN_PER_CATEGORY else "test",
+            )
             for id_, lab, fov in self.expected()
         ]
-        return _samples_from(raw, rows)  # type: ignore[arg-type]
+        return _samples_from(raw, rows)
 
 
 CHASE_TRAIN_CHILDREN = 10
@@ -246,8 +273,14 @@ class ChaseAdapter:
     # no sha256 could be computed here.  The archive's md5 is pinned by a public
     # downstream loader (a CHASEDB1 dataset class, `_zip_md5`), so that is the pin;
     # VESSELSEG_SHA256_CHASEDB1_ZIP set by a user who checked the file wins over it.
-    specs = (DownloadSpec(url="https://researchdata.kingston.ac.uk/96/1/CHASEDB1.zip", sha256=None, filename="CHASEDB1.zip",
-                          md5="d9e47c4bac125b29996fae4380a68db1"),)
+    specs = (
+        DownloadSpec(
+            url="https://researchdata.kingston.ac.uk/96/1/CHASEDB1.zip",
+            sha256=None,
+            filename="CHASEDB1.zip",
+            md5="d9e47c4bac125b29996fae4380a68db1",
+        ),
+    )
     layout = "CHASEDB1.zip or its extracted folder (Image_01L.jpg, Image_01L_1stHO.png, ...)"
 
     @staticmethod
@@ -256,32 +289,35 @@ class ChaseAdapter:
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: "image_01l.jpg" in _listing(d), "Image_01L.jpg (CHASE_DB1)")
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
+            root = find_dir(unpacked.bases, lambda d: "image_01l.jpg" in _listing(d), "Image_01L.jpg (CHASE_DB1)")
             index = _listing(root)
-            pairs: list[tuple[Path, Path]] = []
+            subjects: list[Subject] = []
             missing: list[str] = []
             for id_ in self.ids():
-                for name, sub in ((f"{id_}.jpg", "images"), (f"{id_}_1stHO.png", "labels")):
-                    src = index.get(name.lower())
-                    if src is None:
-                        missing.append(name)
-                    else:
-                        pairs.append((src, tmp / sub / name))
+                image, label = index.get(f"{id_}.jpg".lower()), index.get(f"{id_}_1stHO.png".lower())
+                missing += [name for name, src in ((f"{id_}.jpg", image), (f"{id_}_1stHO.png", label)) if src is None]
+                if image is not None and label is not None:
+                    subjects.append(Subject(id_, image=Source(image, tmp / "images" / f"{id_}.jpg"),
+                                            label=Source(label, tmp / "labels" / f"{id_}_1stHO.png"),
+                                            derive_fov=tmp / "fov" / f"{id_}.png"))  # fmt: skip
             if missing:
-                raise missing_error(root, missing, "CHASE_DB1")
-            copy_files(pairs, "copy CHASE_DB1")
-            for id_ in tqdm(self.ids(), desc="CHASE_DB1 FOV", unit="img", disable=None, leave=False):
-                _write_fov(tmp / "images" / f"{id_}.jpg", tmp / "fov" / f"{id_}.png")
+                raise missing_error(Path(unpacked.rename(str(root))), missing, "CHASE_DB1")
+            ingest(subjects, "check and copy CHASE_DB1", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
-        rows = [
-            (i, f"images/{i}.jpg", f"labels/{i}_1stHO.png", f"fov/{i}.png", "train" if int(i[6:8]) <= CHASE_TRAIN_CHILDREN else "test")
+        rows: list[Row] = [
+            (
+                i,
+                f"images/{i}.jpg",
+                f"labels/{i}_1stHO.png",
+                f"fov/{i}.png",
+                "train" if int(i[6:8]) <= CHASE_TRAIN_CHILDREN else "test",
+            )
             for i in self.ids()
         ]
-        return _samples_from(raw, rows)  # type: ignore[arg-type]
+        return _samples_from(raw, rows)
 
 
 STARE_IDS = (
@@ -297,52 +333,63 @@ class StareAdapter:
     # Clemson publishes no checksums; these sha256 pins are torch-em's
     # (torch_em/data/datasets/medical/stare.py, CHECKSUM), for the same two files.
     specs = (
-        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/stare-images.tar",
-                     sha256="5f7b509b6067cad4f1be84933145d783de9ec087b3eaaf4db0103dd0144dd433", filename="stare-images.tar"),
-        DownloadSpec(url="https://cecas.clemson.edu/~ahoover/stare/probing/labels-ah.tar",
-                     sha256="ebf2f1e17ca955f24579d9edd990e2dae79a5c82def69f0985d8e24f826ddd2f", filename="labels-ah.tar"),
+        DownloadSpec(
+            url="https://cecas.clemson.edu/~ahoover/stare/probing/stare-images.tar",
+            sha256="5f7b509b6067cad4f1be84933145d783de9ec087b3eaaf4db0103dd0144dd433",
+            filename="stare-images.tar",
+        ),
+        DownloadSpec(
+            url="https://cecas.clemson.edu/~ahoover/stare/probing/labels-ah.tar",
+            sha256="ebf2f1e17ca955f24579d9edd990e2dae79a5c82def69f0985d8e24f826ddd2f",
+            filename="labels-ah.tar",
+        ),
     )
     layout = "stare-images.tar and labels-ah.tar (joined with ':') or a folder holding their files (im0001.ppm[.gz], im0001.ah.ppm[.gz])"
 
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = obtain(self.specs, Path(raw_dir), source, self.name, self.layout)
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
             # The two tars unpack flat; index every file under every base by lower-case name.
-            index = {p.name.lower(): p for b in bases for p in sorted(b.rglob("*")) if p.is_file()}
-            missing = []
-            for id_ in STARE_IDS:
-                for name, sub in ((f"{id_}.ppm", "images"), (f"{id_}.ah.ppm", "labels")):
-                    src = index.get(name) or index.get(name + ".gz")
-                    if src is None:
-                        missing.append(f"{name}[.gz]")
-                    else:
-                        _copy_maybe_gz(src, tmp / sub / name)
+            index = {p.name.lower(): p for b in unpacked.bases for p in sorted(b.rglob("*")) if p.is_file()}
+            missing = [f"{name}[.gz]" for id_ in STARE_IDS for name in (f"{id_}.ppm", f"{id_}.ah.ppm")
+                       if name not in index and name + ".gz" not in index]  # fmt: skip
             if missing:
                 raise missing_error(Path(str(source or download_dir())), missing, "STARE")
-            for id_ in tqdm(STARE_IDS, desc="STARE FOV", unit="img", disable=None, leave=False):
-                _write_fov(tmp / "images" / f"{id_}.ppm", tmp / "fov" / f"{id_}.png")
+            subjects: list[Subject] = []
+            for id_ in tqdm(STARE_IDS, desc="STARE gunzip", unit="img", disable=None, leave=False):
+                image, label = (
+                    Source(
+                        _plain(index.get(name) or index[name + ".gz"], unpacked.scratch / "gunzip", unpacked),
+                        tmp / sub / name,
+                    )
+                    for name, sub in ((f"{id_}.ppm", "images"), (f"{id_}.ah.ppm", "labels"))
+                )
+                subjects.append(Subject(id_, image=image, label=label, derive_fov=tmp / "fov" / f"{id_}.png"))
+            ingest(subjects, "check and copy STARE", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
-        rows = [
+        rows: list[Row] = [
             (i, f"images/{i}.ppm", f"labels/{i}.ah.ppm", f"fov/{i}.png", "train" if k < len(STARE_IDS) // 2 else "test")
             for k, i in enumerate(STARE_IDS)
         ]
-        return _samples_from(raw, rows)  # type: ignore[arg-type]
+        return _samples_from(raw, rows)
 
 
-def _copy_maybe_gz(src: Path, dst: Path) -> None:
-    """STARE ships each PPM gzip-compressed inside the tar; store them plain."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def _plain(src: Path, folder: Path, unpacked: Unpacked) -> Path:
+    """STARE ships each PPM gzip-compressed inside the tar: the file to read, decompressed
+    into scratch ``folder`` when it is a ``.gz`` (and named as the ``.gz`` in messages)."""
     if src.suffix.lower() != ".gz":
-        shutil.copyfile(src, dst)
-        return
+        return src
+    out = folder / src.with_suffix("").name
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
+        with gzip.open(src, "rb") as fin, open(out, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     except (OSError, EOFError) as err:
-        raise DataError(f"{src}: not a readable gzip file ({err})") from None
+        raise DataError(f"{unpacked.rename(str(src))}: not a readable gzip file ({err})") from None
+    unpacked.alias(out, unpacked.rename(str(src)))
+    return out
 
 
 # ---------------------------------------------------------------- Kaggle retina
@@ -362,51 +409,40 @@ class RetinaKaggleAdapter:
     def materialize(self, raw_dir: Path, *, source: Path | None, params: DataParams) -> None:
         paths = split_source(source, self.name, self.layout)
         log.warning("retina_kaggle is DRIVE resized and augmented: do not combine or compare it with DRIVE")
-        with scratch_dir(Path(raw_dir)) as scratch, building(raw_dir, self.name) as tmp:
-            bases = unpack_sources(paths, scratch)
-            root = find_dir(bases, lambda d: (d / "train" / "image").is_dir() and (d / "train" / "mask").is_dir(), "train/image/ and train/mask/ (Kaggle retina)")
+        with unpacked_source(paths, Path(raw_dir)) as unpacked, building(raw_dir, self.name) as tmp:
+            root = find_dir(
+                unpacked.bases,
+                lambda d: (d / "train" / "image").is_dir() and (d / "train" / "mask").is_dir(),
+                "train/image/ and train/mask/ (Kaggle retina)",
+            )
             unpaired: list[str] = []
-            n_soft = n = 0
+            subjects: list[Subject] = []
             for split in ("train", "test"):
                 images = {p.stem: p for p in (root / split / "image").glob("*.png")}
                 masks = {p.stem: p for p in (root / split / "mask").glob("*.png")}
                 unpaired += [f"{split}/image/{s}.png" for s in sorted(images.keys() - masks.keys())]
                 unpaired += [f"{split}/mask/{s}.png" for s in sorted(masks.keys() - images.keys())]
-                for stem in tqdm(sorted(images.keys() & masks.keys()), desc=f"Kaggle {split}", unit="img", disable=None, leave=False):
+                for stem in sorted(images.keys() & masks.keys()):
                     id_ = f"{split}_{stem}"
-                    shutil.copyfile(images[stem], _mkparent(tmp / "images" / f"{id_}.png"))
-                    mask, soft = _binarize(masks[stem])
-                    n_soft += soft
-                    n += 1
-                    imagefiles.write_png(tmp / "labels" / f"{id_}.png", mask)
-                    _write_fov(tmp / "images" / f"{id_}.png", tmp / "fov" / f"{id_}.png")
+                    subjects.append(Subject(id_, image=Source(images[stem], tmp / "images" / f"{id_}.png"),
+                                            label=Source(masks[stem], tmp / "labels" / f"{id_}.png"),
+                                            derive_fov=tmp / "fov" / f"{id_}.png"))  # fmt: skip
+            shown = unpacked.rename(str(root))
             if unpaired:
-                raise DataError(f"{root}: files without a partner image/mask: {', '.join(unpaired[:12])}")
-            if n == 0:
-                raise DataError(f"{root}: no image/mask pairs found ({self.layout})")
-            if n_soft:
-                log.warning("retina_kaggle: %d of %d masks were not binary; thresholded at half their maximum", n_soft, n)
+                raise DataError(f"{shown}: files without a partner image/mask: {', '.join(unpaired[:12])}")
+            if not subjects:
+                raise DataError(f"{shown}: no image/mask pairs found ({self.layout})")
+            # Its masks were interpolated: ingest thresholds each at half its maximum,
+            # stores it binary and warns naming the mask.
+            ingest(subjects, "check and copy Kaggle retina", unpacked.rename)
 
     def samples(self, raw_dir: Path, params: DataParams) -> list[RawSample]:
         raw = require_raw(raw_dir, self.name)
         ids = sorted(p.stem for p in (raw / "images").glob("*.png"))
-        rows = [(i, f"images/{i}.png", f"labels/{i}.png", f"fov/{i}.png", "train" if i.startswith("train_") else "test") for i in ids]
+        rows: list[Row] = [
+            (i, f"images/{i}.png", f"labels/{i}.png", f"fov/{i}.png", "train" if i.startswith("train_") else "test")
+            for i in ids
+        ]
         if not rows:
             raise DataError(f"{raw}: no images; run the download stage again")
-        return _samples_from(raw, rows)  # type: ignore[arg-type]
-
-
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _binarize(path: Path) -> tuple[np.ndarray, bool]:
-    """(mask as bool, whether it had more than two grey levels), read without io's per-file warning."""
-    arr = imagefiles.read_image(path)
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    values = np.unique(arr)
-    top = int(values.max())
-    return (arr > top / 2.0) if top > 0 else np.zeros(arr.shape, bool), values.size > 2
-
+        return _samples_from(raw, rows)

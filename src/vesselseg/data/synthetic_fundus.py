@@ -65,7 +65,9 @@ def default_width_range(size: int) -> tuple[float, float]:
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    field = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT)
+    field = cv2.GaussianBlur(
+        rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT
+    )
     peak = float(np.abs(field).max())
     return field / peak if peak > 0 else field
 
@@ -124,7 +126,9 @@ def synthesize_fundus(
     light *= 1.0 + 0.06 * _smooth_field(rng, (size, size), size / 24)
     disc_blob = np.exp(-(((yy - disc[0]) ** 2 + (xx - disc[1]) ** 2) / (2 * (0.045 * size) ** 2)))
     macula = 1.0 - 0.3 * np.exp(-(((yy - c) ** 2 + (xx - c) ** 2) / (2 * (0.07 * size) ** 2)))
-    rgb = (_BACKGROUND[None, None, :] * (light * macula)[..., None]) + _DISC_COLOUR[None, None, :] * disc_blob[..., None]
+    rgb = (_BACKGROUND[None, None, :] * (light * macula)[..., None]) + _DISC_COLOUR[None, None, :] * disc_blob[
+        ..., None
+    ]
     rgb *= 1.0 - _VESSEL_CONTRAST[None, None, :] * tree.intensity[..., None]
     if blur_sigma > 0:
         rgb = cv2.GaussianBlur(rgb, (0, 0), sigmaX=blur_sigma)
@@ -163,9 +167,20 @@ def generate_fundus_dataset(
         for split in ("training", "test"):
             for sub in ("images", "1st_manual", "mask"):
                 (tmp / split / sub).mkdir(parents=True)
-        for (split, id_), child in tqdm(list(zip(jobs, children, strict=True)), desc="synthetic fundus", unit="image", disable=None if progress is None else not progress):
+        for (split, id_), child in tqdm(
+            list(zip(jobs, children, strict=True)),
+            desc="synthetic fundus",
+            unit="image",
+            disable=None if progress is None else not progress,
+        ):
             img = synthesize_fundus(np.random.default_rng(child), size=size, width_range=width_range)
             tifffile.imwrite(tmp / split / "images" / f"{id_}_{split}.tif", img.rgb, photometric="rgb")
             _write_gif(tmp / split / "1st_manual" / f"{id_}_manual1.gif", img.label)
             _write_gif(tmp / split / "mask" / f"{id_}_{split}_mask.gif", img.fov)
-    log.info("wrote %d synthetic fundus images (%d test, %d training) to %s", n_images, len(test_ids), len(train_ids), out_dir)
+    log.info(
+        "wrote %d synthetic fundus images (%d test, %d training) to %s",
+        n_images,
+        len(test_ids),
+        len(train_ids),
+        out_dir,
+    )

@@ -66,14 +66,14 @@ def default_vessel_widths(enface: tuple[int, int]) -> tuple[float, float]:
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: blurred white noise, rescaled."""
-    field = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT)
+    field = cv2.GaussianBlur(
+        rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT
+    )
     peak = float(np.abs(field).max())
     return field / peak if peak > 0 else field
 
 
-def _background(
-    rng: np.random.Generator, n_bscans: int, depth: int, width: int, slab: tuple[int, int]
-) -> np.ndarray:
+def _background(rng: np.random.Generator, n_bscans: int, depth: int, width: int, slab: tuple[int, int]) -> np.ndarray:
     """Layered retina (n_bscans, depth, width) float32; the surface bends by a few rows.
 
     The inner limiting membrane sits a little above the slab, so the slab falls in the
@@ -253,7 +253,12 @@ def generate_octa_dataset(
     children = np.random.SeedSequence(seed).spawn(n_subjects)
     with atomic_dir(out_dir) as tmp:
         (tmp / "GT").mkdir()
-        for sid, child in tqdm(list(zip(ids, children, strict=True)), desc="synthetic OCTA", unit="subject", disable=None if progress is None else not progress):
+        for sid, child in tqdm(
+            list(zip(ids, children, strict=True)),
+            desc="synthetic OCTA",
+            unit="subject",
+            disable=None if progress is None else not progress,
+        ):
             volume, label = synthesize_subject(
                 np.random.default_rng(child),
                 n_bscans=n_bscans,
@@ -270,5 +275,7 @@ def generate_octa_dataset(
             for k in range(n_bscans):
                 _write_bmp(folder / f"{k + 1}.bmp", volume[k])
             _write_bmp(tmp / "GT" / f"{sid}.bmp", label.astype(np.uint8) * 255)
-    log.info("wrote %d synthetic OCTA subjects (%d B-scans of %dx%d) to %s", n_subjects, n_bscans, depth, width, out_dir)
+    log.info(
+        "wrote %d synthetic OCTA subjects (%d B-scans of %dx%d) to %s", n_subjects, n_bscans, depth, width, out_dir
+    )
     return ids

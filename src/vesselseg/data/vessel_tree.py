@@ -25,13 +25,23 @@ from vesselseg.errors import ParamsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Origin", "VesselTree", "border_origins", "disc_origins", "draw_vessel_tree", "grow_segments", "render_segments"]
+__all__ = [
+    "Origin",
+    "VesselTree",
+    "border_origins",
+    "disc_origins",
+    "draw_vessel_tree",
+    "grow_segments",
+    "render_segments",
+]
 
 # Cross-section of a cylindrical vessel: the path length through it at normalised
 # distance r from the axis is sqrt(1 - r^2).  Four nested bands approximate it; the
 # value of each band is the profile at the band's mid-radius.
 _BAND_RADII = (1.0, 0.75, 0.5, 0.25)
-_BAND_VALUES = tuple(math.sqrt(1.0 - ((r + r2) / 2.0) ** 2) for r, r2 in zip(_BAND_RADII, _BAND_RADII[1:] + (0.0,), strict=True))
+_BAND_VALUES = tuple(
+    math.sqrt(1.0 - ((r + r2) / 2.0) ** 2) for r, r2 in zip(_BAND_RADII, (*_BAND_RADII[1:], 0.0), strict=True)
+)
 
 
 @dataclass(frozen=True)
@@ -205,7 +215,9 @@ def grow_segments(
     return np.asarray(segs, dtype=np.float64).reshape(-1, 5)
 
 
-def render_segments(segments: np.ndarray, shape: tuple[int, int], *, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def render_segments(
+    segments: np.ndarray, shape: tuple[int, int], *, supersample: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw segments into ``(intensity float32 [0, 1], label bool)`` maps of ``shape``.
 
     Lines are drawn on a canvas ``supersample`` times larger, band by band from the
@@ -220,7 +232,7 @@ def render_segments(segments: np.ndarray, shape: tuple[int, int], *, supersample
     canvas = np.zeros((h * ss, w * ss), dtype=np.uint8)
     pts = np.rint(segments[:, :4] * ss + (ss - 1) / 2.0).astype(np.int64)
     for radius, value in zip(_BAND_RADII, _BAND_VALUES, strict=True):
-        colour = int(round(255 * value))
+        colour = round(255 * value)
         thick = np.maximum(1, np.rint(segments[:, 4] * ss * radius)).astype(np.int64)
         for (x0, y0, x1, y1), t in zip(pts.tolist(), thick.tolist(), strict=True):
             cv2.line(canvas, (x0, y0), (x1, y1), colour, t, cv2.LINE_8)

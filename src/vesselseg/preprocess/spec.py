@@ -199,7 +199,7 @@ def _derive_fov(image: np.ndarray, rule: dict[str, Any]) -> np.ndarray:
 
 
 def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | None = None) -> PreparedImage:
-    """Apply ``spec`` to one uint8 image (grey or RGB, as :func:`vesselseg.io.read_image` gives).
+    """Apply ``spec`` to one uint8 image (grey or RGB, as :func:`vesselseg.imagefiles.read_image` gives).
 
     Steps, in the order the prepare stage has always used: the FOV (given, else the
     spec's rule applied to the image as given: the red channel of a colour photo

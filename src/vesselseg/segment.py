@@ -214,13 +214,40 @@ def _onnx_run(session: Any) -> Callable[[Any], Any]:
     return run
 
 
+# Pixel count from which onnxruntime beats torch for a vesselseg model file on the CPU
+# (None: never).  benchmarks/bench_onnx.py, 2026-11-30, 2 shared cores (load ~10),
+# DRIVE config U-Net: onnxruntime/torch = 0.48 at DRIVE 584x565 and 0.39 at HRF
+# 2336x3504, so from any size.  Re-measure and change this one number when the stack
+# changes; the benchmark fails when it disagrees with what it measures.
+ONNX_WINS_FROM_PIXELS: int | None = 0
+
+
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def auto_backend(kind: str, shape: tuple[int, int] | None = None, device: str = "cpu") -> str:
+    """What ``--backend auto`` runs: an .onnx file in onnxruntime; a model file in
+    onnxruntime on the CPU where it measured faster (``shape=None``: for every size),
+    else in torch (always on CUDA, and when onnxruntime is not installed)."""
+    if kind == "onnx":
+        return "onnx"
+    if kind != "torch" or device != "cpu" or ONNX_WINS_FROM_PIXELS is None or not _onnxruntime_available():
+        return "torch"
+    if shape is None:
+        return "onnx" if ONNX_WINS_FROM_PIXELS == 0 else "torch"
+    return "onnx" if shape[0] * shape[1] >= ONNX_WINS_FROM_PIXELS else "torch"
+
+
 def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backend: str = "auto") -> Predictor:
     """Build the predictor of ``model_ref`` (a file, an MLflow URI or a shipped name).
 
     ``backend``: ``torch`` runs a vesselseg model file in PyTorch; ``onnx`` runs an
-    exported .onnx file, or exports a model file in memory first; ``auto`` is onnx
-    for an .onnx file and torch otherwise (benchmarks/bench_onnx.py: onnxruntime is
-    not faster than torch on this project's CPU at DRIVE or HRF size).  Only the U-Net
+    exported .onnx file, or exports a model file in memory first; ``auto`` is
+    :func:`auto_backend` (onnx for an .onnx file; for a model file, onnxruntime only
+    where benchmarks/bench_onnx.py measured it faster).  Only the U-Net
     family can be segmented; other families stop with one line.
     """
     import torch
@@ -267,6 +294,10 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
     check_spec(spec, where)
     if not isinstance(model, UNet):
         raise DataError(f"{where}: model {meta['config'].get('name')!r} is not supported by segment yet (U-Net family only)")
+    if backend == "auto":
+        # one backend for the whole run, decided for every size at once (see
+        # ONNX_WINS_FROM_PIXELS); the model file is exported to ONNX in memory (~2 s)
+        backend = auto_backend(ref.kind, None, resolve_device(device).type)
     if backend == "onnx":
         from vesselseg.export import onnx_bytes
 

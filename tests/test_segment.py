@@ -256,3 +256,48 @@ def test_drive_test_images_through_segment_with_official_fov(model_file: Path, t
     assert result["failed"] == {}
     probs = np.asarray(Image.open(tmp_path / "out" / f"{images[0].stem}_probs.png"))
     assert probs.shape == (584, 565)
+
+
+def _card_f1(card: Path) -> float:
+    """The DRIVE test F1 a model card states: a line ``DRIVE test F1 (FOV pooled, segment): 0.8312``."""
+    import re
+
+    m = re.search(r"DRIVE test F1[^:\n]*:\s*([0-9]*\.[0-9]+)", card.read_text())
+    if m is None:
+        raise AssertionError(f"{card}: no 'DRIVE test F1 (FOV pooled, segment): <value>' line")
+    return float(m.group(1))
+
+
+def _pooled_f1(out: Path, images: list[Path], drive: Path) -> float:
+    tp = fp = fn = 0
+    for img in images:
+        n = img.stem.split("_")[0]
+        pred = np.asarray(Image.open(out / f"{img.stem}_mask.png")) > 0
+        label = np.asarray(Image.open(drive / "1st_manual" / f"{n}_manual1.gif")) > 0
+        fov = np.asarray(Image.open(drive / "mask" / f"{n}_test_mask.gif")) > 0
+        tp += int((pred & label & fov).sum())
+        fp += int((pred & ~label & fov).sum())
+        fn += int((~pred & label & fov).sum())
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path) -> None:
+    """Acceptance of issue 13: the 20 DRIVE test images through segment (and the ONNX file)."""
+    drive = SHARED / "DRIVE" / "test"
+    shipped = seg._pretrained_path("fundus")
+    if not drive.is_dir():
+        pytest.skip(f"{drive} absent: DRIVE is not available on this machine")
+    if not shipped.is_file():
+        pytest.skip(f"{shipped} absent: the pretrained fundus model is not in this checkout yet")
+    images = sorted((drive / "images").glob("*_test.tif"))
+    assert len(images) == 20
+    expected = _card_f1(shipped.with_suffix(".md"))
+    seg.run_segment(images, model="fundus", out_dir=tmp_path / "pt", fov_dir=drive / "mask", backend="torch")
+    assert abs(_pooled_f1(tmp_path / "pt", images, drive) - expected) <= 0.005
+    from vesselseg.export import export_model
+
+    onnx_file = export_model("fundus", "onnx", tmp_path / "fundus.onnx")
+    seg.run_segment(images, model=onnx_file, out_dir=tmp_path / "onnx", fov_dir=drive / "mask")
+    assert abs(_pooled_f1(tmp_path / "onnx", images, drive) - expected) <= 0.005

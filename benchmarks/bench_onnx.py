@@ -31,12 +31,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Checks, header, interleaved, median, print_table  # noqa: E402
+from common import Checks, header, interleaved, median, print_table
 
-from vesselseg.models import build_model, save_model  # noqa: E402
-from vesselseg.params import DataParams, ModelParams, PrepareParams  # noqa: E402
-from vesselseg.preprocess.spec import preprocessing_spec  # noqa: E402
-from vesselseg.segment import auto_backend, load_predictor  # noqa: E402
+from vesselseg.models import build_model, save_model
+from vesselseg.params import DataParams, ModelParams, PrepareParams
+from vesselseg.preprocess.spec import preprocessing_spec
+from vesselseg.segment import auto_backend, load_predictor
 
 SIZES = {"DRIVE": (584, 565), "HRF": (2336, 3504)}
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (h, w) in SIZES.items():
             image = rng.integers(0, 256, (h, w), dtype=np.uint8)
             diff = float(np.abs(predictors["torch"](image) - predictors["onnx"](image)).max())  # also the warm-up
-            times = interleaved({k: (lambda p=p: p(image)) for k, p in predictors.items()}, repeats=rounds)
+            times = interleaved({k: (lambda p=p, im=image: p(im)) for k, p in predictors.items()}, repeats=rounds)
             ratio = median([o / t for o, t in zip(times["onnx"], times["torch"])])
             rows.append([f"{name} {h}x{w}", median(times["torch"]), median(times["onnx"]), ratio, diff])
             faster = "onnx" if ratio < 1.0 else "torch"

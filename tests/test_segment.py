@@ -58,7 +58,7 @@ def tiny_model_file(path: Path, spec: dict | None = None, steps: int = 40, extra
 
 def fundus_rgb(seed: int = 0, size: int = 96) -> np.ndarray:
     """An RGB "fundus": a bright disc on black with dark lines in it."""
-    image, label, _ = line_scene(seed, size=size, fov_all=True)
+    image, _label, _ = line_scene(seed, size=size, fov_all=True)
     yy, xx = np.mgrid[:size, :size]
     disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (0.45 * size) ** 2
     g = np.where(disc, 255 - image // 2, 0).astype(np.uint8)
@@ -229,7 +229,7 @@ def test_segment_with_a_shipped_name_works_offline(model_file: Path, tmp_path: P
 
 def test_tta_averages_views_and_is_exact_for_a_symmetric_predictor() -> None:
     image = np.arange(48 * 40, dtype=np.uint8).reshape(48, 40)
-    ident = lambda im: im.astype(np.float32) / 255  # noqa: E731 - equivariant: every view maps back exactly
+    ident = lambda im: im.astype(np.float32) / 255
     for mode in ("flips", "d4"):
         assert np.allclose(seg.with_tta(ident, mode)(image), ident(image))
     calls = []

@@ -65,7 +65,7 @@ with warnings.catch_warnings():
 
         # no type hints on purpose: MLflow 3 reads them as a schema (and then mangles a
         # plain ndarray input); the signature saved with the model is the schema
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
             """uint8 image -> float32 (H, W) probabilities, as ``vesselseg segment`` writes them."""
             from vesselseg.segment import segment_image
 

@@ -50,7 +50,8 @@ __all__ = [
     "segment_image",
 ]
 
-from vesselseg.pretrained import NAMES as PRETRAINED  # noqa: E402 - the shipped names
+from vesselseg.pretrained import NAMES as PRETRAINED
+
 BACKENDS = ("auto", "torch", "onnx")
 TTA_MODES = ("none", "flips", "d4")
 PROB_FORMATS = ("png16", "tiff")

@@ -136,9 +136,11 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_is_processed(model_fi
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(black)
     missing = tmp_path / "missing.png"
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(fundus_rgb(4, size=96)[40:50, 40:50]).save(tiny)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["segment", str(good), str(empty), str(junk), str(trunc), str(jpg), str(black), str(missing),
+        main(["segment", str(good), str(empty), str(junk), str(trunc), str(jpg), str(black), str(missing), str(tiny),
               "--model", str(model_file), "--out", str(out)])
     assert exit_info.value.code == 1
     names = sorted(p.name for p in out.iterdir())

@@ -17,11 +17,13 @@ only after all three were computed, so a failure never leaves half an image's ou
 
 from __future__ import annotations
 
+import atexit
 import csv
 import gzip
 import io as _io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +58,9 @@ BACKENDS = ("auto", "torch", "onnx")
 TTA_MODES = ("none", "flips", "d4")
 PROB_FORMATS = ("png16", "tiff")
 INPUT_SUFFIXES = (*io.IMAGE_SUFFIXES, ".ppm.gz", ".pgm.gz")
+# smallest image side segment accepts: below it a U-Net's pooling pyramid (and the
+# exported models' reflect padding) has nothing left to work on
+MIN_SIDE = 32
 # window settings when a spec has none (PredictParams' defaults)
 DEFAULT_WINDOW = {"size": 1024, "overlap": 0.125, "weighting": "gaussian", "batch_size": 4}
 
@@ -110,6 +115,7 @@ def _from_mlflow(uri: str) -> ModelRef:
     if not os.environ.get("MLFLOW_REGISTRY_URI"):
         mlflow.set_registry_uri(mlflow.get_tracking_uri())
     dest = Path(tempfile.mkdtemp(prefix="vesselseg-mlflow-"))
+    atexit.register(shutil.rmtree, dest, True)  # the model is read once, at load; the copy goes at exit
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as err:
@@ -358,20 +364,17 @@ class SegmentResult:
 def segment_image(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], spec: dict[str, Any],
                   fov: np.ndarray | None = None) -> SegmentResult:
     """Preprocess as the model was trained, predict, map back to the native size, threshold."""
-    from vesselseg.preprocess.spec import preprocess_image, resize_mask, to_native
+    from vesselseg.preprocess.spec import preprocess_image, to_native
 
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise DataError(f"image is {image.shape[1]}x{image.shape[0]} px; segment needs at least {MIN_SIDE} px per side")
     prepared = preprocess_image(image, spec, fov=fov)
     want = int(spec.get("in_channels", 1))
     have = 1 if prepared.image.ndim == 2 else int(prepared.image.shape[2])
     if have != want:
         raise DataError(f"image gives {have} channel(s) after preprocessing but the model expects {want}")
     probs = to_native(predict(prepared.image), prepared.native_shape)
-    native_fov = fov if fov is not None else (
-        prepared.fov if prepared.scale == 1.0 else resize_mask(prepared.fov, 1.0 / prepared.scale))
-    if native_fov.shape != probs.shape:  # rounding of the two resizes: trust the native size
-        import cv2
-
-        native_fov = cv2.resize(native_fov.astype(np.uint8), probs.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    native_fov = prepared.native_fov
     probs = np.where(native_fov, probs, np.float32(0)).astype(np.float32)
     mask = (probs >= float(spec.get("threshold", 0.5))) & native_fov
     density = float(mask[native_fov].mean()) if native_fov.any() else 0.0

@@ -16,7 +16,12 @@ from PIL import Image
 from tests.test_segment import fundus_rgb, tiny_model_file
 from tests.test_tracking import make_repo
 from vesselseg import segment as seg
-from vesselseg.mlflow_model import MODEL_RUN_TAG, MODEL_SHA_TAG, file_sha256, model_link_tags
+from vesselseg.mlflow_model import (
+    MODEL_RUN_TAG,
+    MODEL_SHA_TAG,
+    file_sha256,
+    model_link_tags,
+)
 from vesselseg.tracking import MODEL_TAG, RunLogger
 
 pytestmark = pytest.mark.slow  # one MLflow store + two pyfunc saves (~40 s) and a fresh process (~30 s)

@@ -58,7 +58,7 @@ def tiny_model_file(path: Path, spec: dict | None = None, steps: int = 40, extra
 
 def fundus_rgb(seed: int = 0, size: int = 96) -> np.ndarray:
     """An RGB "fundus": a bright disc on black with dark lines in it."""
-    image, label, _ = line_scene(seed, size=size, fov_all=True)
+    image, _label, _ = line_scene(seed, size=size, fov_all=True)
     yy, xx = np.mgrid[:size, :size]
     disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (0.45 * size) ** 2
     g = np.where(disc, 255 - image // 2, 0).astype(np.uint8)
@@ -136,9 +136,11 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_is_processed(model_fi
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(black)
     missing = tmp_path / "missing.png"
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(fundus_rgb(4, size=96)[40:50, 40:50]).save(tiny)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["segment", str(good), str(empty), str(junk), str(trunc), str(jpg), str(black), str(missing),
+        main(["segment", str(good), str(empty), str(junk), str(trunc), str(jpg), str(black), str(missing), str(tiny),
               "--model", str(model_file), "--out", str(out)])
     assert exit_info.value.code == 1
     names = sorted(p.name for p in out.iterdir())
@@ -229,7 +231,7 @@ def test_segment_with_a_shipped_name_works_offline(model_file: Path, tmp_path: P
 
 def test_tta_averages_views_and_is_exact_for_a_symmetric_predictor() -> None:
     image = np.arange(48 * 40, dtype=np.uint8).reshape(48, 40)
-    ident = lambda im: im.astype(np.float32) / 255  # noqa: E731 - equivariant: every view maps back exactly
+    ident = lambda im: im.astype(np.float32) / 255
     for mode in ("flips", "d4"):
         assert np.allclose(seg.with_tta(ident, mode)(image), ident(image))
     calls = []
@@ -256,3 +258,48 @@ def test_drive_test_images_through_segment_with_official_fov(model_file: Path, t
     assert result["failed"] == {}
     probs = np.asarray(Image.open(tmp_path / "out" / f"{images[0].stem}_probs.png"))
     assert probs.shape == (584, 565)
+
+
+def _card_f1(card: Path) -> float:
+    """The DRIVE test F1 a model card states: a line ``DRIVE test F1 (FOV pooled, segment): 0.8312``."""
+    import re
+
+    m = re.search(r"DRIVE test F1[^:\n]*:\s*([0-9]*\.[0-9]+)", card.read_text())
+    if m is None:
+        raise AssertionError(f"{card}: no 'DRIVE test F1 (FOV pooled, segment): <value>' line")
+    return float(m.group(1))
+
+
+def _pooled_f1(out: Path, images: list[Path], drive: Path) -> float:
+    tp = fp = fn = 0
+    for img in images:
+        n = img.stem.split("_")[0]
+        pred = np.asarray(Image.open(out / f"{img.stem}_mask.png")) > 0
+        label = np.asarray(Image.open(drive / "1st_manual" / f"{n}_manual1.gif")) > 0
+        fov = np.asarray(Image.open(drive / "mask" / f"{n}_test_mask.gif")) > 0
+        tp += int((pred & label & fov).sum())
+        fp += int((pred & ~label & fov).sum())
+        fn += int((~pred & label & fov).sum())
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path) -> None:
+    """Acceptance of issue 13: the 20 DRIVE test images through segment (and the ONNX file)."""
+    drive = SHARED / "DRIVE" / "test"
+    shipped = seg._pretrained_path("fundus")
+    if not drive.is_dir():
+        pytest.skip(f"{drive} absent: DRIVE is not available on this machine")
+    if not shipped.is_file():
+        pytest.skip(f"{shipped} absent: the pretrained fundus model is not in this checkout yet")
+    images = sorted((drive / "images").glob("*_test.tif"))
+    assert len(images) == 20
+    expected = _card_f1(shipped.with_suffix(".md"))
+    seg.run_segment(images, model="fundus", out_dir=tmp_path / "pt", fov_dir=drive / "mask", backend="torch")
+    assert abs(_pooled_f1(tmp_path / "pt", images, drive) - expected) <= 0.005
+    from vesselseg.export import export_model
+
+    onnx_file = export_model("fundus", "onnx", tmp_path / "fundus.onnx")
+    seg.run_segment(images, model=onnx_file, out_dir=tmp_path / "onnx", fov_dir=drive / "mask")
+    assert abs(_pooled_f1(tmp_path / "onnx", images, drive) - expected) <= 0.005

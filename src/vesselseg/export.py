@@ -109,13 +109,15 @@ def torchscript_bytes(model: nn.Module, config: dict[str, Any], spec: dict[str, 
     import warnings
 
     wrapper, example = _wrap(model, config, where)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, example)
     buf = _io.BytesIO()
     extra = {SPEC_KEY: json.dumps(spec, sort_keys=True) if spec is not None else "",
              "vesselseg.config": json.dumps(config, sort_keys=True)}
-    torch.jit.save(traced, buf, _extra_files=extra)
+    with warnings.catch_warnings():
+        # tracer warnings about the untaken Python branches, and torch 2.13's notice that
+        # TorchScript is deprecated in favour of torch.export (which fixes H and W)
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapper, example)
+        torch.jit.save(traced, buf, _extra_files=extra)
     return buf.getvalue()
 
 
@@ -160,9 +162,13 @@ def read_onnx_spec(path: Path) -> dict[str, Any] | None:
 
 def read_torchscript_spec(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
     """Load an exported TorchScript file and the spec stored beside its code."""
+    import warnings
+
     extra = {SPEC_KEY: ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13: TorchScript is deprecated
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: not a readable TorchScript file ({type(err).__name__})") from None
     text = extra[SPEC_KEY]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,26 +51,30 @@ MODEL_SHA_TAG = "vesselseg.model_sha256"
 MODEL_RUN_TAG = "vesselseg.model_run_id"
 
 
-class VesselsegPyfunc(PythonModel):  # type: ignore[misc,valid-type]
-    """pyfunc: uint8 image (H, W[, 3]) -> float32 vessel probability (H, W) at native size."""
+with warnings.catch_warnings():
+    # MLflow warns at class creation that predict() has no type hints; see predict()
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context: Any) -> None:
-        from vesselseg.segment import load_predictor
+    class VesselsegPyfunc(PythonModel):  # type: ignore[misc,valid-type]
+        """pyfunc: uint8 image (H, W[, 3]) -> float32 vessel probability (H, W) at native size."""
 
-        self._predictor = load_predictor(context.artifacts[ARTIFACT_KEY], device="cpu", backend="torch")
+        def load_context(self, context: Any) -> None:
+            from vesselseg.segment import load_predictor
 
-    # no type hints on purpose: MLflow 3 reads them as a schema (and then mangles a
-    # plain ndarray input); the signature saved with the model is the schema
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
-        """uint8 image -> float32 (H, W) probabilities, as ``vesselseg segment`` writes them."""
-        from vesselseg.segment import segment_image
+            self._predictor = load_predictor(context.artifacts[ARTIFACT_KEY], device="cpu", backend="torch")
 
-        if isinstance(model_input, dict):  # a named-tensor call: {"image": array}
-            model_input = next(iter(model_input.values()))
-        image = np.asarray(model_input)
-        if image.dtype != np.uint8:
-            raise DataError(f"input must be a uint8 image (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
-        return segment_image(image, self._predictor, self._predictor.spec).probs
+        # no type hints on purpose: MLflow 3 reads them as a schema (and then mangles a
+        # plain ndarray input); the signature saved with the model is the schema
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            """uint8 image -> float32 (H, W) probabilities, as ``vesselseg segment`` writes them."""
+            from vesselseg.segment import segment_image
+
+            if isinstance(model_input, dict):  # a named-tensor call: {"image": array}
+                model_input = next(iter(model_input.values()))
+            image = np.asarray(model_input)
+            if image.dtype != np.uint8:
+                raise DataError(f"input must be a uint8 image (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+            return segment_image(image, self._predictor, self._predictor.spec).probs
 
 
 def file_sha256(path: Path | str) -> str:

@@ -17,11 +17,13 @@ only after all three were computed, so a failure never leaves half an image's ou
 
 from __future__ import annotations
 
+import atexit
 import csv
 import gzip
 import io as _io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -50,11 +52,15 @@ __all__ = [
     "segment_image",
 ]
 
-from vesselseg.pretrained import NAMES as PRETRAINED  # noqa: E402 - the shipped names
+from vesselseg.pretrained import NAMES as PRETRAINED
+
 BACKENDS = ("auto", "torch", "onnx")
 TTA_MODES = ("none", "flips", "d4")
 PROB_FORMATS = ("png16", "tiff")
 INPUT_SUFFIXES = (*imagefiles.IMAGE_SUFFIXES, ".ppm.gz", ".pgm.gz")
+# smallest image side segment accepts: below it a U-Net's pooling pyramid (and the
+# exported models' reflect padding) has nothing left to work on
+MIN_SIDE = 32
 # window settings when a spec has none (PredictParams' defaults)
 DEFAULT_WINDOW = {"size": 1024, "overlap": 0.125, "weighting": "gaussian", "batch_size": 4}
 
@@ -109,6 +115,7 @@ def _from_mlflow(uri: str) -> ModelRef:
     if not os.environ.get("MLFLOW_REGISTRY_URI"):
         mlflow.set_registry_uri(mlflow.get_tracking_uri())
     dest = Path(tempfile.mkdtemp(prefix="vesselseg-mlflow-"))
+    atexit.register(shutil.rmtree, dest, True)  # the model is read once, at load; the copy goes at exit
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as err:
@@ -214,13 +221,40 @@ def _onnx_run(session: Any) -> Callable[[Any], Any]:
     return run
 
 
+# Pixel count from which onnxruntime beats torch for a vesselseg model file on the CPU
+# (None: never).  benchmarks/bench_onnx.py, 2026-11-30, 2 shared cores (load ~10),
+# DRIVE config U-Net: onnxruntime/torch = 0.48 at DRIVE 584x565 and 0.39 at HRF
+# 2336x3504, so from any size.  Re-measure and change this one number when the stack
+# changes; the benchmark fails when it disagrees with what it measures.
+ONNX_WINS_FROM_PIXELS: int | None = 0
+
+
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def auto_backend(kind: str, shape: tuple[int, int] | None = None, device: str = "cpu") -> str:
+    """What ``--backend auto`` runs: an .onnx file in onnxruntime; a model file in
+    onnxruntime on the CPU where it measured faster (``shape=None``: for every size),
+    else in torch (always on CUDA, and when onnxruntime is not installed)."""
+    if kind == "onnx":
+        return "onnx"
+    if kind != "torch" or device != "cpu" or ONNX_WINS_FROM_PIXELS is None or not _onnxruntime_available():
+        return "torch"
+    if shape is None:
+        return "onnx" if ONNX_WINS_FROM_PIXELS == 0 else "torch"
+    return "onnx" if shape[0] * shape[1] >= ONNX_WINS_FROM_PIXELS else "torch"
+
+
 def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backend: str = "auto") -> Predictor:
     """Build the predictor of ``model_ref`` (a file, an MLflow URI or a shipped name).
 
     ``backend``: ``torch`` runs a vesselseg model file in PyTorch; ``onnx`` runs an
-    exported .onnx file, or exports a model file in memory first; ``auto`` is onnx
-    for an .onnx file and torch otherwise (benchmarks/bench_onnx.py: onnxruntime is
-    not faster than torch on this project's CPU at DRIVE or HRF size).  Only the U-Net
+    exported .onnx file, or exports a model file in memory first; ``auto`` is
+    :func:`auto_backend` (onnx for an .onnx file; for a model file, onnxruntime only
+    where benchmarks/bench_onnx.py measured it faster).  Only the U-Net
     family can be segmented; other families stop with one line.
     """
     import torch
@@ -267,6 +301,10 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
     check_spec(spec, where)
     if not isinstance(model, UNet):
         raise DataError(f"{where}: model {meta['config'].get('name')!r} is not supported by segment yet (U-Net family only)")
+    if backend == "auto":
+        # one backend for the whole run, decided for every size at once (see
+        # ONNX_WINS_FROM_PIXELS); the model file is exported to ONNX in memory (~2 s)
+        backend = auto_backend(ref.kind, None, resolve_device(device).type)
     if backend == "onnx":
         from vesselseg.export import onnx_bytes
 
@@ -326,20 +364,17 @@ class SegmentResult:
 def segment_image(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], spec: dict[str, Any],
                   fov: np.ndarray | None = None) -> SegmentResult:
     """Preprocess as the model was trained, predict, map back to the native size, threshold."""
-    from vesselseg.preprocess.spec import preprocess_image, resize_mask, to_native
+    from vesselseg.preprocess.spec import preprocess_image, to_native
 
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise DataError(f"image is {image.shape[1]}x{image.shape[0]} px; segment needs at least {MIN_SIDE} px per side")
     prepared = preprocess_image(image, spec, fov=fov)
     want = int(spec.get("in_channels", 1))
     have = 1 if prepared.image.ndim == 2 else int(prepared.image.shape[2])
     if have != want:
         raise DataError(f"image gives {have} channel(s) after preprocessing but the model expects {want}")
     probs = to_native(predict(prepared.image), prepared.native_shape)
-    native_fov = fov if fov is not None else (
-        prepared.fov if prepared.scale == 1.0 else resize_mask(prepared.fov, 1.0 / prepared.scale))
-    if native_fov.shape != probs.shape:  # rounding of the two resizes: trust the native size
-        import cv2
-
-        native_fov = cv2.resize(native_fov.astype(np.uint8), probs.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    native_fov = prepared.native_fov
     probs = np.where(native_fov, probs, np.float32(0)).astype(np.float32)
     mask = (probs >= float(spec.get("threshold", 0.5))) & native_fov
     density = float(mask[native_fov].mean()) if native_fov.any() else 0.0

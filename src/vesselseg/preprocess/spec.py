@@ -67,7 +67,8 @@ class PreparedImage:
     ``image`` is uint8 (H, W) or (H, W, C) at the prepared size, zero outside ``fov``
     (bool, same size).  ``scale`` is prepared size / native size (1.0 when unchanged)
     and ``native_shape`` the (H, W) of the image given, so
-    ``to_native(probs, native_shape)`` puts a probability map back on the input's pixels.
+    ``to_native(probs, native_shape)`` puts a probability map back on the input's
+    pixels, where ``native_fov`` (given or derived, before any resizing) applies.
     """
 
     image: np.ndarray
@@ -75,6 +76,7 @@ class PreparedImage:
     scale: float
     native_shape: tuple[int, int]
     fov_derived: bool
+    native_fov: np.ndarray
 
 
 def _fov_rule(data: DataParams) -> str:
@@ -222,6 +224,7 @@ def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | 
                             f"{native_shape[1]}x{native_shape[0]}")
     if not fov.any():
         raise DataError("FOV mask is empty")
+    native_fov = fov
     out = select_channel(arr, spec["channel"])
     if spec.get("source") == "projection":
         if out.ndim == 3:  # an en-face map saved as RGB: its grey level is the signal
@@ -243,4 +246,5 @@ def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | 
         out = out * fov[..., None].astype(np.uint8)
     else:
         out = np.where(fov, out, 0).astype(np.uint8)
-    return PreparedImage(image=out, fov=fov, scale=scale, native_shape=native_shape, fov_derived=derived)
+    return PreparedImage(image=out, fov=fov, scale=scale, native_shape=native_shape, fov_derived=derived,
+                         native_fov=native_fov)

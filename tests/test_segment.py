@@ -303,3 +303,23 @@ def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path) ->
     onnx_file = export_model("fundus", "onnx", tmp_path / "fundus.onnx")
     seg.run_segment(images, model=onnx_file, out_dir=tmp_path / "onnx", fov_dir=drive / "mask")
     assert abs(_pooled_f1(tmp_path / "onnx", images, drive) - expected) <= 0.005
+
+
+def test_segment_asks_the_family_registry(tmp_path: Path) -> None:
+    """A ResNet patch model segments through its own family predictor; an IPN (volumes) is refused in one line."""
+    import torch
+
+    from vesselseg.models import build_model, save_model
+
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    config = {"name": "resnet_patch", "in_channels": 1, "width": 4}
+    save_model(tmp_path / "rp.pt", build_model(config), config, extra={"preprocessing": spec, "patch_size": 16})
+    predictor = seg.load_predictor(tmp_path / "rp.pt", device="cpu", backend="auto")
+    image = line_scene(0, size=40)[0]
+    probs = predictor(image)
+    assert probs.shape == (40, 40) and probs.dtype == np.float32 and 0.0 <= probs.min() and probs.max() <= 1.0
+    config = {"name": "ipn", "in_channels": 1, "out_channels": 1, "channels": 2, "n_blocks": 1, "depth": 4}
+    save_model(tmp_path / "ipn.pt", build_model(config), config, extra={"preprocessing": spec})
+    with pytest.raises(DataError, match="cannot segment single images"):
+        seg.load_predictor(tmp_path / "ipn.pt", device="cpu", backend="torch")(image)

@@ -185,9 +185,11 @@ def predict(c: Ctx, model_path: Path, prepared: Path, out: Path) -> None:
 @click.option("--per-image", type=PathArg, default=Path("reports/per_image.csv"), show_default=True)
 @click.option("--plots", type=PathArg, default=Path("reports/plots"), show_default=True)
 @click.option("--overlays", type=PathArg, default=Path("reports/figures/overlays"), show_default=True)
+@click.option("--model", "model_path", type=PathArg, default=Path("models/model.pt"), show_default=True,
+              help="The model the predictions came from: its MLflow run is linked by the file's hash.")
 @pass_ctx
 def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image: Path, plots: Path,
-             overlays: Path) -> None:
+             overlays: Path, model_path: Path) -> None:
     """Per-image and pooled metrics inside the FOV, ROC/PR curves and overlays."""
     from vesselseg.evaluate import run_evaluate
     from vesselseg.params import flatten
@@ -204,6 +206,12 @@ def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image
 
         run.log_table(pd.read_csv(per_image), "per_image.json")
         run.log_artifact(metrics)
+        if not run.disabled and model_path.is_file():
+            from vesselseg.mlflow_model import model_link_tags
+
+            # link this run to the train run that logged this very file (by its hash),
+            # so `promote` registers the model that was evaluated, not the newest one
+            run.set_tags(model_link_tags(model_path, uri=run.uri))
 
 
 # -- tools -------------------------------------------------------------------------

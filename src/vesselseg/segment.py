@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vesselseg import atomic, imagefiles
 from vesselseg.errors import DataError, ParamsError, VesselsegError
+from vesselseg.inference.tta import TTA_MODES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ __all__ = [
 from vesselseg.pretrained import NAMES as PRETRAINED
 
 BACKENDS = ("auto", "torch", "onnx")
-TTA_MODES = ("none", "flips", "d4")
 PROB_FORMATS = ("png16", "tiff")
 INPUT_SUFFIXES = (*imagefiles.IMAGE_SUFFIXES, ".ppm.gz", ".pgm.gz")
 # smallest image side segment accepts: below it a U-Net's pooling pyramid (and the
@@ -290,62 +290,50 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
 
         return Predictor(_stitched(run_ts, spec, dev), spec, "torchscript", ref.label)
 
-    from vesselseg.models import UNet, load_model
+    from vesselseg.families import family_of_model_file
+    from vesselseg.models import read_model_file
+    from vesselseg.params import PredictParams
+    from vesselseg.preprocess.spec import check_spec
 
-    model, meta = load_model(ref.path, map_location="cpu")
+    meta = read_model_file(ref.path)
     spec = (meta.get("extra") or {}).get("preprocessing")
     if spec is None:
         raise missing_spec_error(ref.path)
-    from vesselseg.preprocess.spec import check_spec
-
     check_spec(spec, where)
-    if not isinstance(model, UNet):
-        raise DataError(f"{where}: model {meta['config'].get('name')!r} is not supported by segment yet (U-Net family only)")
+    family = family_of_model_file(ref.path)  # the registry decides how this model predicts an image
+    exportable = family.name == "unet"  # vesselseg.export traces the U-Net only
     if backend == "auto":
         # one backend for the whole run, decided for every size at once (see
         # ONNX_WINS_FROM_PIXELS); the model file is exported to ONNX in memory (~2 s)
-        backend = auto_backend(ref.kind, None, resolve_device(device).type)
+        backend = auto_backend(ref.kind, None, resolve_device(device).type) if exportable else "torch"
     if backend == "onnx":
+        if not exportable:
+            raise ParamsError(f"{where}: --backend onnx runs U-Net models only (this is a {family.name!r} model)")
         from vesselseg.export import onnx_bytes
+        from vesselseg.models import load_model
 
+        model, _ = load_model(ref.path, map_location="cpu")
         session = _onnx_session(onnx_bytes(model, dict(meta["config"]), spec, where))
         return Predictor(_stitched(_onnx_run(session), spec, torch.device("cpu")), spec, "onnx", ref.label)
-    from vesselseg.device import to_channels_last
-    from vesselseg.inference.predict import predict_image
-
-    dev = resolve_device(device)
-    model = model.to(dev)
-    channels_last = to_channels_last(model)
     win = _window(spec)
-
-    def run_torch(image: np.ndarray) -> np.ndarray:
-        return predict_image(model, image, window=win["size"], overlap=win["overlap"], weighting=win["weighting"],
-                             batch_size=win["batch_size"], device=dev, amp=False, channels_last=channels_last)
-
-    return Predictor(run_torch, spec, "torch", ref.label)
+    # TTA is applied by run_segment around this predictor (with_tta), not by the family
+    settings = PredictParams(window=win["size"], overlap=win["overlap"], weighting=win["weighting"],
+                             batch_size=win["batch_size"], tta="none")
+    loaded = family.load_predictor(ref.path, predict=settings, device=device, amp=False)
+    if loaded.unit != "img":
+        raise DataError(f"{where}: a {family.name!r} model predicts from {loaded.unit}s and cannot segment single images")
+    return Predictor(loaded.predict_image, spec, "torch", ref.label)
 
 
 def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Test-time augmentation: the mean over flips (``flips``) or the 8 dihedral views (``d4``)."""
+    """``predict`` averaged over flips (``flips``) or the 8 dihedral views (``d4``): the pipeline's own TTA."""
+    from vesselseg.inference.tta import predict_with_tta
+
     if mode not in TTA_MODES:
         raise ParamsError(f"--tta: unknown mode {mode!r} (one of {', '.join(TTA_MODES)})")
     if mode == "none":
         return predict
-    # (quarter turns, then a left-right flip): flips = identity, left-right, up-down
-    # (half turn + left-right), half turn; d4 = all 8 symmetries of the square
-    views = [(0, False), (0, True), (2, True), (2, False)] if mode == "flips" else [(k, f) for k in range(4) for f in (False, True)]
-
-    def tta(image: np.ndarray) -> np.ndarray:
-        total = np.zeros(image.shape[:2], dtype=np.float64)
-        for k, flip in views:
-            view = np.rot90(image, k, axes=(0, 1))
-            view = view[:, ::-1] if flip else view
-            probs = predict(np.ascontiguousarray(view))
-            probs = probs[:, ::-1] if flip else probs
-            total += np.rot90(probs, -k, axes=(0, 1))
-        return (total / len(views)).astype(np.float32)
-
-    return tta
+    return lambda image: predict_with_tta(predict, image, mode)
 
 
 # -- one image --------------------------------------------------------------------

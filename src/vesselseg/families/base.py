@@ -116,6 +116,13 @@ class Predictor(ABC):
     @abstractmethod
     def __call__(self, dataset: PreparedDataset, id_: str) -> np.ndarray: ...
 
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
+        """One prepared 2D image (uint8 (H, W) or (H, W, C)) -> probabilities: what ``vesselseg segment`` calls.
+
+        Families whose input is not a single image (volumes) refuse in one line.
+        """
+        raise DataError(f"a model that predicts from {self.unit}s cannot segment single images")
+
 
 class Family(ABC):
     """One model family: how it is trained (:meth:`fit`) and predicted (:meth:`load_predictor`)."""

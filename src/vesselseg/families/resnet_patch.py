@@ -144,6 +144,9 @@ class CentrePredictor(Predictor):
         path = dataset.paths(id_)[0]
         image = imagefiles.read_image(path)
         base.check_image_channels(path, image, self.in_channels)
+        return self.predict_image(image)
+
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
         def one(im: np.ndarray) -> np.ndarray:
             return predict_probability_map(self.model, im, patch_size=self.patch_size, stride=self.stride,
                                            batch_size=self.predict.batch_size, device=self.torch_device,

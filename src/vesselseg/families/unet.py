@@ -73,11 +73,14 @@ class WindowPredictor(Predictor):
         self.channels_last = predict.channels_last and to_channels_last(model)
 
     def __call__(self, dataset: PreparedDataset, id_: str) -> np.ndarray:
-        from vesselseg.inference.predict import predict_image
-
         path = dataset.paths(id_)[0]
         image = imagefiles.read_image(path)
         check_image_channels(path, image, self.in_channels)
+        return self.predict_image(image)
+
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
+        from vesselseg.inference.predict import predict_image
+
         p = self.predict
 
         def one(im: np.ndarray) -> np.ndarray:

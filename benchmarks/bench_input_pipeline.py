@@ -38,20 +38,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Checks, header, interleaved, median, print_table  # noqa: E402
+from common import Checks, header, interleaved, median, print_table
 
-from vesselseg import atomic  # noqa: E402
-from vesselseg.augment import online_augmenter  # noqa: E402
-from vesselseg.losses import build_loss  # noqa: E402
-from vesselseg.models import build_model, count_parameters  # noqa: E402
-from vesselseg.normalize import batch_to_input  # noqa: E402
-from vesselseg.params import load_params  # noqa: E402
-from vesselseg.patches import load_patches  # noqa: E402
-from vesselseg.training.batches import PatchBatches, augment_batch  # noqa: E402
-from vesselseg.device import set_threads  # noqa: E402
-from vesselseg.training.distributed import World  # noqa: E402
-from vesselseg.training.loop import Trainer  # noqa: E402
-from vesselseg.families import network_config  # noqa: E402
+from vesselseg import atomic
+from vesselseg.augment import online_augmenter
+from vesselseg.device import set_threads
+from vesselseg.families import network_config
+from vesselseg.losses import build_loss
+from vesselseg.models import build_model, count_parameters
+from vesselseg.normalize import batch_to_input
+from vesselseg.params import load_params
+from vesselseg.patches import load_patches
+from vesselseg.training.batches import PatchBatches, augment_batch
+from vesselseg.training.distributed import World
+from vesselseg.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.90
@@ -114,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
         write_patch_set(Path(tmp), args.n_patches, size, params.seed)
         images, labels, fov = load_patches(Path(tmp), "train")
-        batches = PatchBatches(images, labels, fov, batch_size=batch, flip=tp.flip, rotate90=tp.rotate90, seed=params.seed)
+        batches = PatchBatches(
+            images, labels, fov, batch_size=batch, flip=tp.flip, rotate90=tp.rotate90, seed=params.seed
+        )
         trainer = Trainer(
-            model=model, model_config=cfg, loss_fn=build_loss(tp.loss, dice_weight=tp.dice_weight), params=tp,
-            seed=params.seed, device=torch.device("cpu"), world=World(), steps_per_epoch=len(batches),
+            model=model,
+            model_config=cfg,
+            loss_fn=build_loss(tp.loss, dice_weight=tp.dice_weight),
+            params=tp,
+            seed=params.seed,
+            device=torch.device("cpu"),
+            world=World(),
+            steps_per_epoch=len(batches),
         )
         trainer.model.train()
         premade = [b for _, b in zip(range(steps), batches._batches(10_000))]
@@ -145,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         # Diagnosis: the loader alone, in the main thread, split into its parts; and the
         # check that the stacked augmentation equals the per-target reference call.
         order = np.arange(n) % len(images)
-        parts: dict[str, list[float]] = {"gather (memmap)": [], "augment (stacked, as used)": [],
-                                         "augment (per target, reference)": [], "to tensors": [], "whole _make": []}
+        parts: dict[str, list[float]] = {
+            "gather (memmap)": [],
+            "augment (stacked, as used)": [],
+            "augment (per target, reference)": [],
+            "to tensors": [],
+            "whole _make": [],
+        }
         same = True
         for rep in range(args.repeats):
             acc = dict.fromkeys(parts, 0.0)
@@ -178,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
     b_med = median(times["b"])
     rows = [
-        ["(a) real loop: memmap + augment + prefetch + step", median(times["a"]), median(rate_a), 1e3 * median(times["a"]) / steps],
+        [
+            "(a) real loop: memmap + augment + prefetch + step",
+            median(times["a"]),
+            median(rate_a),
+            1e3 * median(times["a"]) / steps,
+        ],
         ["(b) bare step on tensors in memory", b_med, median(rate_b), 1e3 * b_med / steps],
     ]
     print()
@@ -186,13 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\nloader alone (main thread, no model), same batches; share = loader time / bare step time")
     print_table(
         ["part", "ms / batch", "us / sample", "share of step"],
-        [[k, 1e3 * median(v) / steps, 1e6 * median(v) / n, f"{100 * median(v) / b_med:.1f}%"] for k, v in parts.items()],
+        [
+            [k, 1e3 * median(v) / steps, 1e6 * median(v) / n, f"{100 * median(v) / b_med:.1f}%"]
+            for k, v in parts.items()
+        ],
     )
     print(f"\nper-round ratios (a samples/s / b samples/s): {', '.join(f'{r:.3f}' for r in ratios)}\n")
     checks = Checks()
     checks.check("input pipeline: real loop / bare step (samples/s)", ratio, TARGET, op=">=")
-    checks.flag("stacked augmentation equals the per-target albumentations call", same,
-                f"{args.repeats} x {n} samples compared")
+    checks.flag(
+        "stacked augmentation equals the per-target albumentations call", same, f"{args.repeats} x {n} samples compared"
+    )
     Checks.note(f"real loop {median(rate_a):.1f} samples/s, bare step {median(rate_b):.1f} samples/s")
     return checks.finish()
 

@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     rounds = 1 if args.quick else 3
-    header("onnxruntime vs torch per image (vesselseg segment's predictor)", torch=torch.__version__,
-           onnxruntime=onnxruntime.__version__, torch_threads=torch.get_num_threads(), rounds=rounds)
+    header(
+        "onnxruntime vs torch per image (vesselseg segment's predictor)",
+        torch=torch.__version__,
+        onnxruntime=onnxruntime.__version__,
+        torch_threads=torch.get_num_threads(),
+        rounds=rounds,
+    )
     model_params = ModelParams(depth=3, base_channels=16, dropout=0.0)
     torch.manual_seed(0)
     net = build_model(model_params.network_config())
@@ -60,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         save_model(path, net, model_params.network_config(), extra={"preprocessing": spec})
-        predictors = {"torch": load_predictor(path, device="cpu", backend="torch"),
-                      "onnx": load_predictor(path, device="cpu", backend="onnx")}
+        predictors = {
+            "torch": load_predictor(path, device="cpu", backend="torch"),
+            "onnx": load_predictor(path, device="cpu", backend="onnx"),
+        }
         rng = np.random.default_rng(0)
         for name, (h, w) in SIZES.items():
             image = rng.integers(0, 256, (h, w), dtype=np.uint8)
@@ -70,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = median([o / t for o, t in zip(times["onnx"], times["torch"])])
             rows.append([f"{name} {h}x{w}", median(times["torch"]), median(times["onnx"]), ratio, diff])
             faster = "onnx" if ratio < 1.0 else "torch"
-            checks.flag(f"auto backend at {name}", auto_backend("torch", (h, w)) == faster,
-                        f"measured onnxruntime/torch = {ratio:.2f}, auto picks {auto_backend('torch', (h, w))}")
+            checks.flag(
+                f"auto backend at {name}",
+                auto_backend("torch", (h, w)) == faster,
+                f"measured onnxruntime/torch = {ratio:.2f}, auto picks {auto_backend('torch', (h, w))}",
+            )
             checks.check(f"max |onnx - torch| at {name}", diff, 1e-4, fmt=".1e")
     print_table(["image", "torch s", "onnxruntime s", "onnx/torch", "max diff"], rows)
     return checks.finish()

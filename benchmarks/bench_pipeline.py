@@ -39,12 +39,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Checks, header, median, print_table  # noqa: E402
+from common import Checks, header, median, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vesselseg import scratch  # noqa: E402
+
 TOTAL_TARGET_S = 600.0
 NOOP_TARGET_S = 5.0
 STAGES = ("download", "prepare", "patches", "train", "predict", "evaluate")
@@ -60,14 +61,17 @@ def tiny_overrides() -> dict[str, Any]:
     return TINY
 
 
-def timed_repro(repo: Path, env: dict[str, str], timeout: float) -> tuple[float, dict[str, float], dict[str, float], str]:
+def timed_repro(
+    repo: Path, env: dict[str, str], timeout: float
+) -> tuple[float, dict[str, float], dict[str, float], str]:
     """Run ``dvc repro``, stamping each output line as it arrives.
 
     Returns (total wall s, wall s per stage, in-process s per stage, the output).
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     starts: list[tuple[str, float]] = []
     inproc: dict[str, float] = {}
     lines: list[str] = []
@@ -98,10 +102,16 @@ def timed_repro(repo: Path, env: dict[str, str], timeout: float) -> tuple[float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny config of tests/test_pipeline_e2e.py (smoke run)")
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="params file to run (default: the repo's)")
+    ap.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="params file to run (default: the repo's)"
+    )
     ap.add_argument("--noop-repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="set VESSELSEG_THREADS for the stages (default: unset, as a user's dvc repro)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set VESSELSEG_THREADS for the stages (default: unset, as a user's dvc repro)",
+    )
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up on dvc repro after this many seconds")
     ap.add_argument("--keep", action="store_true", help="keep the scratch repository")
     args = ap.parse_args(argv)
@@ -145,20 +155,29 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    rows = [[s, inproc.get(s, float("nan")), wall.get(s, float("nan")), f"{100 * wall.get(s, 0.0) / total:.0f}%"]
-            for s in [*STAGES, *(s for s in wall if s not in STAGES)]]
+    rows = [
+        [s, inproc.get(s, float("nan")), wall.get(s, float("nan")), f"{100 * wall.get(s, 0.0) / total:.0f}%"]
+        for s in [*STAGES, *(s for s in wall if s not in STAGES)]
+    ]
     rows.append(["total (dvc repro)", sum(inproc.values()), total, "100%"])
     print_table(["stage", "in-process s", "wall s", "share"], rows, floatfmt=".1f")
     print(f"\nno-op dvc repro: {', '.join(f'{t:.2f}' for t in noop_times)} s\n")
 
     checks = Checks()
     checks.flag("every stage ran", not missing, f"missing {missing}" if missing else ", ".join(wall))
-    checks.check("default dvc repro total wall time" if not args.quick else "quick dvc repro total wall time",
-                 total, TOTAL_TARGET_S, unit=" s", fmt=".1f")
+    checks.check(
+        "default dvc repro total wall time" if not args.quick else "quick dvc repro total wall time",
+        total,
+        TOTAL_TARGET_S,
+        unit=" s",
+        fmt=".1f",
+    )
     checks.check("no-op dvc repro (median)", median(noop_times), NOOP_TARGET_S, unit=" s", fmt=".2f")
     checks.flag("no-op dvc repro runs no stage", not noop_ran)
     if args.quick:
-        Checks.note("--quick ran the tiny config: the 600 s bound is meant for the default params (run without --quick)")
+        Checks.note(
+            "--quick ran the tiny config: the 600 s bound is meant for the default params (run without --quick)"
+        )
     return checks.finish()
 
 

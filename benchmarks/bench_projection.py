@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-projection-") as tmp:
         t0 = time.perf_counter()
         paths = make_volume(Path(tmp), args.n_bscans, args.depth, args.width)
-        print(f"volume: {args.n_bscans} B-scans of {args.depth}x{args.width} (depth x width), "
-              f"{volume_bytes / 2**20:.0f} MiB, written in {time.perf_counter() - t0:.1f} s; slab {list(slab)}; "
-              f"median of {args.repeats} runs")
+        print(
+            f"volume: {args.n_bscans} B-scans of {args.depth}x{args.width} (depth x width), "
+            f"{volume_bytes / 2**20:.0f} MiB, written in {time.perf_counter() - t0:.1f} s; slab {list(slab)}; "
+            f"median of {args.repeats} runs"
+        )
         read_only(paths)  # warm the page cache
 
         # Decoders: read + decode every slice once (no reduction).
@@ -147,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             "ours: raw rows (no flip, padded)": lambda: read_only(paths),
             "ours: read_slice (decoded image)": lambda: decode_only(paths),
             "cv2.imread": lambda: [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths],
-            "cv2.imdecode(np.fromfile)": lambda: [cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in paths],
+            "cv2.imdecode(np.fromfile)": lambda: [
+                cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in paths
+            ],
             "PIL Image.open + np.asarray": lambda: [np.asarray(Image.open(p)) for p in paths],
         }
         dec_ms = {name: median_ms(fn, args.repeats) for name, fn in decoders.items()}
@@ -167,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nprojection, 1 thread.  'decode' = read_slice on every file (our decoder, images top row")
         print("first), the target's baseline; 'raw' = the raw rows only (stricter: no flip, no copy).")
         print("Each ratio is the median over rounds of projection / baseline timed back to back.")
-        print(f"'{args.workers} thr' = project_volume(workers={args.workers}); '/imread' = ours / cv2.imread read-only.")
-        print(f"{'method':6s} {'range':>8s} {'dec ms':>7s} {'ours ms':>8s} {'/decode':>8s} {'/raw':>6s} {f'{args.workers} thr ms':>9s} {'/decode':>8s} {'/imread':>8s} {'naive ms':>9s} {'speed-up':>9s}")
+        print(
+            f"'{args.workers} thr' = project_volume(workers={args.workers}); '/imread' = ours / cv2.imread read-only."
+        )
+        print(
+            f"{'method':6s} {'range':>8s} {'dec ms':>7s} {'ours ms':>8s} {'/decode':>8s} {'/raw':>6s} {f'{args.workers} thr ms':>9s} {'/decode':>8s} {'/imread':>8s} {'naive ms':>9s} {'speed-up':>9s}"
+        )
         ratios: list[tuple[str, float]] = []
         raw_fn = lambda: read_only(paths)  # noqa: E731
         dec_fn = lambda: decode_only(paths)  # noqa: E731
@@ -178,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                 run = lambda: project_volume(paths, method=method, slab=sl)  # type: ignore[arg-type]  # noqa: E731
                 d_ms, ours, ratio = paired_ms(dec_fn, run, args.repeats)
                 _, _, raw_ratio = paired_ms(raw_fn, run, args.repeats)
-                _, thr, thr_ratio = paired_ms(dec_fn, lambda: project_volume(paths, method=method, slab=sl, workers=args.workers), args.repeats)  # type: ignore[arg-type]
+                _, thr, thr_ratio = paired_ms(
+                    dec_fn, lambda: project_volume(paths, method=method, slab=sl, workers=args.workers), args.repeats
+                )  # type: ignore[arg-type]
                 slow = median_ms(lambda: naive(paths, method, sl), args.repeats)
                 ratios.append((f"{method} {label}", ratio))
                 imread_ratio = ours / dec_ms["cv2.imread"]
-                print(f"{method:6s} {label:>8s} {d_ms:7.1f} {ours:8.1f} {ratio:8.2f} {raw_ratio:6.2f} {thr:9.1f} {thr_ratio:8.2f} {imread_ratio:8.2f} {slow:9.1f} {slow / ours:8.1f}x")
+                print(
+                    f"{method:6s} {label:>8s} {d_ms:7.1f} {ours:8.1f} {ratio:8.2f} {raw_ratio:6.2f} {thr:9.1f} {thr_ratio:8.2f} {imread_ratio:8.2f} {slow:9.1f} {slow / ours:8.1f}x"
+                )
 
         peak_ours = peak_bytes(lambda: project_volume(paths, method="mean"))
         peak_slab = peak_bytes(lambda: project_volume(paths, method="max", slab=slab))
@@ -198,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, ratio in ratios:
         ok = ratio <= RATIO_TARGET
-        print(f"{'PASS' if ok else 'FAIL'}: {name}: projection / read-and-decode = {ratio:.2f} (target <= {RATIO_TARGET})")
+        print(
+            f"{'PASS' if ok else 'FAIL'}: {name}: projection / read-and-decode = {ratio:.2f} (target <= {RATIO_TARGET})"
+        )
         if not ok:
             fails.append(f"{name} ratio {ratio:.2f}")
     for name, peak in (("mean full", peak_ours), ("max slab", peak_slab)):

@@ -55,9 +55,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import geomean  # noqa: E402
+from common import geomean
 
-from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference  # noqa: E402
+from vesselseg.inference.sliding_window import compute_starts, fit_window, sliding_window_inference
 
 log = logging.getLogger("bench_stitching")
 
@@ -74,6 +74,8 @@ def default_predict() -> tuple[int, float]:
     """predict.window and predict.overlap as the pipeline would use them (one source of truth)."""
     pred = yaml.safe_load(PARAMS.read_text())["predict"]
     return (pred["window"] or 10**6, float(pred["overlap"]))
+
+
 TARGETS = {"a": 1e-5, "b": 1.0, "c": 1.10, "d": 1.5}
 
 
@@ -100,11 +102,17 @@ def monai_swi() -> Callable[..., torch.Tensor]:
     return swi
 
 
-def run_ours(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, overlap: float, weighting: str) -> torch.Tensor:
-    return sliding_window_inference(x, window=window, overlap=overlap, predictor=model, weighting=weighting, batch_size=BATCH)
+def run_ours(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, overlap: float, weighting: str
+) -> torch.Tensor:
+    return sliding_window_inference(
+        x, window=window, overlap=overlap, predictor=model, weighting=weighting, batch_size=BATCH
+    )
 
 
-def run_monai(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, overlap: float, weighting: str) -> torch.Tensor:
+def run_monai(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, overlap: float, weighting: str
+) -> torch.Tensor:
     with torch.inference_mode():  # what a MONAI user would do; its function does not set it
         out = monai_swi()(x, window, BATCH, model, overlap=overlap, mode=weighting)
     return out.as_tensor() if hasattr(out, "as_tensor") else out
@@ -175,10 +183,29 @@ def bench_stitch_only(sizes: dict[str, tuple[int, int]], repeats: int) -> list[d
             for weighting in WEIGHTINGS:
                 t_o, t_m = [], []
                 for _ in range(repeats):
-                    t_o.append(timed(lambda: sliding_window_inference(x, window=window, overlap=OVERLAP, predictor=_identity, weighting=weighting, batch_size=BATCH))[0])
+                    t_o.append(
+                        timed(
+                            lambda: sliding_window_inference(
+                                x,
+                                window=window,
+                                overlap=OVERLAP,
+                                predictor=_identity,
+                                weighting=weighting,
+                                batch_size=BATCH,
+                            )
+                        )[0]
+                    )
                     with torch.inference_mode():
-                        t_m.append(timed(lambda: monai_swi()(x, window, BATCH, _identity, overlap=OVERLAP, mode=weighting))[0])
-                row = {"image": name, "window": window, "weighting": weighting, "ours_s": statistics.median(t_o), "monai_s": statistics.median(t_m)}
+                        t_m.append(
+                            timed(lambda: monai_swi()(x, window, BATCH, _identity, overlap=OVERLAP, mode=weighting))[0]
+                        )
+                row = {
+                    "image": name,
+                    "window": window,
+                    "weighting": weighting,
+                    "ours_s": statistics.median(t_o),
+                    "monai_s": statistics.median(t_m),
+                }
                 row["b"] = statistics.median(o / m for o, m in zip(t_o, t_m))  # per-round ratios, as below
                 rows.append(row)
                 log.info("stitch only %s", row)
@@ -198,7 +225,12 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                 cap = 600 if name == "HRF" else None
                 ch, cw = aligned(h, window, OVERLAP, cap), aligned(w, window, OVERLAP, cap)
                 xc = x[:, :, :ch, :cw].contiguous()
-                diff_aligned = (run_ours(model, xc, window, OVERLAP, weighting) - run_monai(model, xc, window, OVERLAP, weighting)).abs().max().item()
+                diff_aligned = (
+                    (run_ours(model, xc, window, OVERLAP, weighting) - run_monai(model, xc, window, OVERLAP, weighting))
+                    .abs()
+                    .max()
+                    .item()
+                )
                 n_rep = repeats[name]
                 if n_rep > 1:  # warm-up (allocator, oneDNN primitive cache), untimed
                     run_bare(model, batches[:2])
@@ -225,9 +257,17 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                     f_monai.append(tp_m.seconds)
                 diff_full = (out_o - out_m).abs().max().item()
                 row = {
-                    "image": name, "size": f"{h}x{w}", "window": window, "weighting": weighting, "windows": n_win,
-                    "repeats": n_rep, "ours_s": statistics.median(t_ours), "monai_s": statistics.median(t_monai),
-                    "bare_s": statistics.median(t_bare), "diff_aligned": diff_aligned, "aligned_crop": f"{ch}x{cw}",
+                    "image": name,
+                    "size": f"{h}x{w}",
+                    "window": window,
+                    "weighting": weighting,
+                    "windows": n_win,
+                    "repeats": n_rep,
+                    "ours_s": statistics.median(t_ours),
+                    "monai_s": statistics.median(t_monai),
+                    "bare_s": statistics.median(t_bare),
+                    "diff_aligned": diff_aligned,
+                    "aligned_crop": f"{ch}x{cw}",
                     "diff_full": diff_full,
                 }
                 # Ratios per round (the three ran back to back), then their median: a
@@ -275,9 +315,19 @@ def bench_engine(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
         x = torch.from_numpy(image_to_input(image))[None]
         for window in WINDOWS:
             for weighting in WEIGHTINGS:
+
                 def ours() -> np.ndarray:
-                    return predict_image(model_cl, image, window=window, overlap=OVERLAP, weighting=weighting,
-                                         batch_size=BATCH, device="cpu", amp=False, channels_last=True)
+                    return predict_image(
+                        model_cl,
+                        image,
+                        window=window,
+                        overlap=OVERLAP,
+                        weighting=weighting,
+                        batch_size=BATCH,
+                        device="cpu",
+                        amp=False,
+                        channels_last=True,
+                    )
 
                 ours()  # warm-up: oneDNN builds its NHWC kernels once per shape
                 t_o, t_m = [], []
@@ -286,8 +336,16 @@ def bench_engine(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                     for times, fn in pair[r % 2 :] + pair[: r % 2]:
                         times.append(timed(fn)[0])
                 ratio = statistics.median(o / m for o, m in zip(t_o, t_m))
-                rows.append({"image": name, "window": window, "weighting": weighting, "ours_s": statistics.median(t_o),
-                             "monai_s": statistics.median(t_m), "b": ratio})
+                rows.append(
+                    {
+                        "image": name,
+                        "window": window,
+                        "weighting": weighting,
+                        "ours_s": statistics.median(t_o),
+                        "monai_s": statistics.median(t_m),
+                        "b": ratio,
+                    }
+                )
                 log.info("(b) predict stage vs MONAI %s %d %s: %.3f", name, window, weighting, ratio)
     return rows
 
@@ -314,8 +372,18 @@ def bench_defaults(model: torch.nn.Module, repeats: int, candidates: list[tuple[
                 t_c.append(timed(lambda: run_ours(model, x, (wh, ww), overlap, "gaussian"))[0])
             t, t_whole = statistics.median(t_c), statistics.median(t_w)
             n = len(compute_starts(h, wh, overlap)) * len(compute_starts(w, ww, overlap))
-            rows.append({"image": name, "window": window, "overlap": overlap, "windows": n,
-                         "pixels_x": n * wh * ww / (h * w), "seconds": t, "whole_s": t_whole, "ratio": t / t_whole})
+            rows.append(
+                {
+                    "image": name,
+                    "window": window,
+                    "overlap": overlap,
+                    "windows": n,
+                    "pixels_x": n * wh * ww / (h * w),
+                    "seconds": t,
+                    "whole_s": t_whole,
+                    "ratio": t / t_whole,
+                }
+            )
             log.info("(d) %s window %d overlap %.2f: %.3f s, %.2fx whole image", name, window, overlap, t, t / t_whole)
     return rows
 
@@ -323,8 +391,8 @@ def bench_defaults(model: torch.nn.Module, repeats: int, candidates: list[tuple[
 def dice_candidates(model_path: Path, prepared: Path, n_images: int, candidates: list[tuple[int, float]]) -> list[dict]:
     """(d, Dice part): test Dice over FOV pixels for each candidate vs a small stride."""
     from vesselseg.inference.predict import predict_image
-    from vesselseg.prepared import PreparedDataset
     from vesselseg.models import load_model
+    from vesselseg.prepared import PreparedDataset
 
     model, _ = load_model(model_path)
     ds = PreparedDataset(prepared)
@@ -335,11 +403,30 @@ def dice_candidates(model_path: Path, prepared: Path, n_images: int, candidates:
         tp = fp = fn = 0
         t0 = time.perf_counter()
         for it in items:
-            p = predict_image(model, it.image, window=window, overlap=overlap, weighting="gaussian", batch_size=BATCH, device="cpu", amp=False) >= 0.5
+            p = (
+                predict_image(
+                    model,
+                    it.image,
+                    window=window,
+                    overlap=overlap,
+                    weighting="gaussian",
+                    batch_size=BATCH,
+                    device="cpu",
+                    amp=False,
+                )
+                >= 0.5
+            )
             tp += int((p & it.label & it.fov).sum())
             fp += int((p & ~it.label & it.fov).sum())
             fn += int((~p & it.label & it.fov).sum())
-        rows.append({"window": window, "overlap": overlap, "dice": 2 * tp / max(2 * tp + fp + fn, 1), "seconds": (time.perf_counter() - t0) / len(items)})
+        rows.append(
+            {
+                "window": window,
+                "overlap": overlap,
+                "dice": 2 * tp / max(2 * tp + fp + fn, 1),
+                "seconds": (time.perf_counter() - t0) / len(items),
+            }
+        )
         log.info("(d) Dice window %d overlap %.2f: %.4f", window, overlap, rows[-1]["dice"])
     return rows
 
@@ -367,16 +454,38 @@ def _memory_child_main(which: str, window: int, weighting: str) -> None:
     fn = run_ours if which == "ours" else run_monai
     sec, out = timed(lambda: fn(predictor, x, window, OVERLAP, weighting))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"which": which, "peak_above_baseline_mb": (peak - base) / 2**20, "peak_mb": peak / 2**20,
-                      "baseline_mb": base / 2**20, "output_mb": out.numel() * out.element_size() / 2**20, "seconds": sec}))
+    print(
+        json.dumps(
+            {
+                "which": which,
+                "peak_above_baseline_mb": (peak - base) / 2**20,
+                "peak_mb": peak / 2**20,
+                "baseline_mb": base / 2**20,
+                "output_mb": out.numel() * out.element_size() / 2**20,
+                "seconds": sec,
+            }
+        )
+    )
 
 
 def bench_memory(window: int, weighting: str, threads: int) -> list[dict]:
     rows = []
     for which in ("ours", "monai"):
-        cmd = [sys.executable, __file__, "--memory-child", which, "--memory-window", str(window), "--memory-weighting", weighting,
-               "--threads", str(threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            which,
+            "--memory-window",
+            str(window),
+            "--memory-weighting",
+            weighting,
+            "--threads",
+            str(threads),
+        ]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        )
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         log.info("(e) %s", rows[-1])
     return rows
@@ -386,34 +495,61 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[dict], dice: list[dict], mem: list[dict],
-           default: tuple[int, float]) -> bool:
+def report(
+    rows: list[dict],
+    stitch: list[dict],
+    engine: list[dict],
+    dflt: list[dict],
+    dice: list[dict],
+    mem: list[dict],
+    default: tuple[int, float],
+) -> bool:
     print("\n(a)-(c) U-Net, window batch 16, overlap 0.5; times are medians (s), ratios medians of per-round ratios")
-    print(f"{'image':9} {'window':>6} {'weight':>8} {'#win':>6} {'rep':>3} {'ours':>8} {'MONAI':>8} {'bare':>8} "
-          f"{'ours/MONAI':>10} {'ours/bare':>9} {'|diff| same windows':>22} {'|diff| full size':>16}")
+    print(
+        f"{'image':9} {'window':>6} {'weight':>8} {'#win':>6} {'rep':>3} {'ours':>8} {'MONAI':>8} {'bare':>8} "
+        f"{'ours/MONAI':>10} {'ours/bare':>9} {'|diff| same windows':>22} {'|diff| full size':>16}"
+    )
     for r in rows:
-        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['windows']:>6} {r['repeats']:>3} {r['ours_s']:>8.3f} "
-              f"{r['monai_s']:>8.3f} {r['bare_s']:>8.3f} {r['b_raw']:>10.3f} {r['c']:>9.3f} "
-              f"{r['diff_aligned']:>9.2e} ({r['aligned_crop']:>9}) {r['diff_full']:>16.2e}")
-    print("\n(b) same U-Net, each run split into time inside the model and the rest (see TimedPredictor); "
-          "ratio = (F + rest ours) / (F + rest MONAI), F = median forward time of both sides")
-    print(f"{'image':9} {'window':>6} {'weight':>8} {'F (s)':>7} {'F ours/MONAI':>12} {'rest ours ms':>12} "
-          f"{'rest MONAI ms':>13} {'ours/MONAI':>10} {'raw per-round':>13}")
+        print(
+            f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['windows']:>6} {r['repeats']:>3} {r['ours_s']:>8.3f} "
+            f"{r['monai_s']:>8.3f} {r['bare_s']:>8.3f} {r['b_raw']:>10.3f} {r['c']:>9.3f} "
+            f"{r['diff_aligned']:>9.2e} ({r['aligned_crop']:>9}) {r['diff_full']:>16.2e}"
+        )
+    print(
+        "\n(b) same U-Net, each run split into time inside the model and the rest (see TimedPredictor); "
+        "ratio = (F + rest ours) / (F + rest MONAI), F = median forward time of both sides"
+    )
+    print(
+        f"{'image':9} {'window':>6} {'weight':>8} {'F (s)':>7} {'F ours/MONAI':>12} {'rest ours ms':>12} "
+        f"{'rest MONAI ms':>13} {'ours/MONAI':>10} {'raw per-round':>13}"
+    )
     for r in rows:
-        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['forward_s']:>7.3f} {r['forward_ratio']:>12.3f} "
-              f"{1e3 * r['stitch_ours_s']:>12.1f} {1e3 * r['stitch_monai_s']:>13.1f} {r['b']:>10.3f} {r['b_raw']:>13.3f}")
-    print("\nstitching only (identity predictor: cutting, weighting, adding, dividing), medians (s), ratio median of per-round ratios")
-    print(f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10} {'ours as % of bare U-Net':>24}")
+        print(
+            f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['forward_s']:>7.3f} {r['forward_ratio']:>12.3f} "
+            f"{1e3 * r['stitch_ours_s']:>12.1f} {1e3 * r['stitch_monai_s']:>13.1f} {r['b']:>10.3f} {r['b_raw']:>13.3f}"
+        )
+    print(
+        "\nstitching only (identity predictor: cutting, weighting, adding, dividing), medians (s), ratio median of per-round ratios"
+    )
+    print(
+        f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10} {'ours as % of bare U-Net':>24}"
+    )
     bare = {(r["image"], r["window"], r["weighting"]): r["bare_s"] for r in rows}
     for r in stitch:
         b = bare.get((r["image"], r["window"], r["weighting"]))
         share = f"{100 * r['ours_s'] / b:.1f}%" if b else "-"
-        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.4f} {r['monai_s']:>8.4f} {r['b']:>10.3f} {share:>24}")
-    print("\n(b) as a user meets it: the predict stage (predict_image, channels_last weights) vs MONAI with the model as "
-          "trained (NCHW), same weights/windows/overlap/weighting/batch; medians (s), ratio median of per-round ratios")
+        print(
+            f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.4f} {r['monai_s']:>8.4f} {r['b']:>10.3f} {share:>24}"
+        )
+    print(
+        "\n(b) as a user meets it: the predict stage (predict_image, channels_last weights) vs MONAI with the model as "
+        "trained (NCHW), same weights/windows/overlap/weighting/batch; medians (s), ratio median of per-round ratios"
+    )
     print(f"{'image':9} {'window':>6} {'weight':>8} {'ours':>8} {'MONAI':>8} {'ours/MONAI':>10}")
     for r in engine:
-        print(f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.3f} {r['monai_s']:>8.3f} {r['b']:>10.3f}")
+        print(
+            f"{r['image']:9} {r['window']:>6} {r['weighting']:>8} {r['ours_s']:>8.3f} {r['monai_s']:>8.3f} {r['b']:>10.3f}"
+        )
     results = {}
     worst_a = max(r["diff_aligned"] for r in rows)
     results["a"] = worst_a <= TARGETS["a"]
@@ -423,22 +559,30 @@ def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[
     worst_bs = max(r["b"] for r in stitch)
     worst_be = max(r["b"] for r in engine) if engine else float("nan")
     results["b"] = worst_b <= TARGETS["b"] and worst_bs <= TARGETS["b"] and (not engine or worst_be <= TARGETS["b"])
-    print(f"(b) ours/MONAI time, same U-Net, forward and stitching timed apart: worst {worst_b:.3f} "
-          f"(geometric mean {geomean([r['b'] for r in rows]):.3f}); stitching-only rows worst {worst_bs:.3f}; "
-          f"predict stage vs MONAI worst {worst_be:.3f} (geometric mean {geomean([r['b'] for r in engine]):.3f}) "
-          f"(target <= 1.0 in every row)  {verdict(results['b'])}")
-    print(f"    for information: raw per-round ratio with the same U-Net, worst {worst_raw:.3f} "
-          f"(geometric mean {geomean([r['b_raw'] for r in rows]):.3f}); its forward-time ratio alone spans "
-          f"{min(r['forward_ratio'] for r in rows):.3f}-{max(r['forward_ratio'] for r in rows):.3f}, the noise floor of a raw ratio")
+    print(
+        f"(b) ours/MONAI time, same U-Net, forward and stitching timed apart: worst {worst_b:.3f} "
+        f"(geometric mean {geomean([r['b'] for r in rows]):.3f}); stitching-only rows worst {worst_bs:.3f}; "
+        f"predict stage vs MONAI worst {worst_be:.3f} (geometric mean {geomean([r['b'] for r in engine]):.3f}) "
+        f"(target <= 1.0 in every row)  {verdict(results['b'])}"
+    )
+    print(
+        f"    for information: raw per-round ratio with the same U-Net, worst {worst_raw:.3f} "
+        f"(geometric mean {geomean([r['b_raw'] for r in rows]):.3f}); its forward-time ratio alone spans "
+        f"{min(r['forward_ratio'] for r in rows):.3f}-{max(r['forward_ratio'] for r in rows):.3f}, the noise floor of a raw ratio"
+    )
     worst_c = max(r["c"] for r in rows)
     gm_c = geomean([r["c"] for r in rows])
     results["c"] = worst_c <= TARGETS["c"]
-    print(f"(c) ours/bare forward time: worst {worst_c:.3f}, geometric mean {gm_c:.3f} (target <= 1.10 in every row)  {verdict(results['c'])}")
+    print(
+        f"(c) ours/bare forward time: worst {worst_c:.3f}, geometric mean {gm_c:.3f} (target <= 1.10 in every row)  {verdict(results['c'])}"
+    )
 
     print("\n(d) sliding window (gaussian) vs one whole-image forward pass")
     print(f"{'image':9} {'window':>6} {'overlap':>7} {'#win':>5} {'px x':>5} {'seconds':>8} {'whole':>7} {'ratio':>6}")
     for r in dflt:
-        print(f"{r['image']:9} {r['window']:>6} {r['overlap']:>7.2f} {r['windows']:>5} {r['pixels_x']:>5.2f} {r['seconds']:>8.3f} {r['whole_s']:>7.3f} {r['ratio']:>6.2f}")
+        print(
+            f"{r['image']:9} {r['window']:>6} {r['overlap']:>7.2f} {r['windows']:>5} {r['pixels_x']:>5.2f} {r['seconds']:>8.3f} {r['whole_s']:>7.3f} {r['ratio']:>6.2f}"
+        )
     chosen = [r for r in dflt if (r["window"], r["overlap"]) == default]
     worst_d = max(r["ratio"] for r in chosen) if chosen else float("nan")
     results["d"] = bool(chosen) and worst_d <= TARGETS["d"]
@@ -450,17 +594,23 @@ def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[
         mine = [r for r in dice if (r["window"], r["overlap"]) == default]
         if mine:
             results["d"] = results["d"] and abs(mine[0]["dice"] - ref) <= 0.002
-            print(f"(d) Dice at default {default}: {mine[0]['dice']:.4f} vs small stride {ref:.4f} (target within 0.002)")
+            print(
+                f"(d) Dice at default {default}: {mine[0]['dice']:.4f} vs small stride {ref:.4f} (target within 0.002)"
+            )
     else:
         print("(d) Dice part not measured: no trained model given (--model/--prepared); time ratio only")
-    print(f"(d) default window {default[0]}, overlap {default[1]}: worst {worst_d:.2f}x whole image (target <= 1.5)  {verdict(results['d'])}")
+    print(
+        f"(d) default window {default[0]}, overlap {default[1]}: worst {worst_d:.2f}x whole image (target <= 1.5)  {verdict(results['d'])}"
+    )
 
     if mem:
         ours, monai = mem
         hrf = SIZES["HRF"][0] * SIZES["HRF"][1] * 4 / 2**20
-        print(f"\n(e) HRF {SIZES['HRF'][0]}x{SIZES['HRF'][1]}, window 128, gaussian: peak RSS above baseline (fresh process each): "
-              f"ours {ours['peak_above_baseline_mb']:.0f} MB (peak {ours['peak_mb']:.0f} MB), MONAI {monai['peak_above_baseline_mb']:.0f} MB "
-              f"(peak {monai['peak_mb']:.0f} MB); our buffers: output {ours['output_mb']:.0f} MB + weight sum {hrf:.0f} MB")
+        print(
+            f"\n(e) HRF {SIZES['HRF'][0]}x{SIZES['HRF'][1]}, window 128, gaussian: peak RSS above baseline (fresh process each): "
+            f"ours {ours['peak_above_baseline_mb']:.0f} MB (peak {ours['peak_mb']:.0f} MB), MONAI {monai['peak_above_baseline_mb']:.0f} MB "
+            f"(peak {monai['peak_mb']:.0f} MB); our buffers: output {ours['output_mb']:.0f} MB + weight sum {hrf:.0f} MB"
+        )
         results["e"] = ours["peak_above_baseline_mb"] <= monai["peak_above_baseline_mb"] * 1.05
         print(f"(e) ours <= MONAI (+5%)  {verdict(results['e'])}")
     ok = all(results.values())
@@ -476,15 +626,35 @@ def report(rows: list[dict], stitch: list[dict], engine: list[dict], dflt: list[
 @click.option("--threads", default=2, show_default=True)
 @click.option("--default-window", type=int, default=None, help="predict.window judged by target (d) [params.yaml].")
 @click.option("--default-overlap", type=float, default=None, help="predict.overlap judged by target (d) [params.yaml].")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Trained model for the Dice part of (d).")
-@click.option("--prepared", type=click.Path(path_type=Path), default=None, help="Prepared folder for the Dice part of (d).")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained model for the Dice part of (d).",
+)
+@click.option(
+    "--prepared", type=click.Path(path_type=Path), default=None, help="Prepared folder for the Dice part of (d)."
+)
 @click.option("--dice-images", default=5, show_default=True)
 @click.option("--memory-child", type=click.Choice(["ours", "monai"]), default=None, hidden=True)
 @click.option("--memory-window", default=128, hidden=True)
 @click.option("--memory-weighting", default="gaussian", hidden=True)
-def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads: int, default_window: int | None, default_overlap: float | None,
-         model_path: Path | None, prepared: Path | None, dice_images: int, memory_child: str | None, memory_window: int,
-         memory_weighting: str) -> None:
+def main(
+    quick: bool,
+    repeats: int,
+    stitch_repeats: int,
+    hrf_unet: bool,
+    threads: int,
+    default_window: int | None,
+    default_overlap: float | None,
+    model_path: Path | None,
+    prepared: Path | None,
+    dice_images: int,
+    memory_child: str | None,
+    memory_window: int,
+    memory_weighting: str,
+) -> None:
     if memory_child:
         torch.set_num_threads(threads)
         _memory_child_main(memory_child, memory_window, memory_weighting)
@@ -496,7 +666,9 @@ def main(quick: bool, repeats: int, stitch_repeats: int, hrf_unet: bool, threads
     unet_sizes = {k: v for k, v in SIZES.items() if k != "HRF" or (hrf_unet and not quick)}
     stitch_sizes = {k: v for k, v in SIZES.items() if k != "HRF" or not quick}
     reps = {k: (1 if k == "HRF" else repeats) for k in unet_sizes}
-    log.info("torch %s, threads %d, U-Net sizes %s, repeats %s", torch.__version__, torch.get_num_threads(), unet_sizes, reps)
+    log.info(
+        "torch %s, threads %d, U-Net sizes %s, repeats %s", torch.__version__, torch.get_num_threads(), unet_sizes, reps
+    )
     stitch = bench_stitch_only(stitch_sizes, stitch_repeats)
     rows = bench_matrix(model, unet_sizes, reps)
     engine = bench_engine(model, {k: v for k, v in unet_sizes.items() if k != "HRF"}, reps)

@@ -45,9 +45,9 @@ from common import header, print_table  # noqa: E402
 from vesselseg.device import to_channels_last  # noqa: E402
 from vesselseg.inference.predict import predict_image  # noqa: E402
 from vesselseg.inference.tta import TTA_MODES, predict_with_tta, transforms  # noqa: E402
-from vesselseg.prepared import PreparedDataset  # noqa: E402
 from vesselseg.metrics import MetricAccumulator  # noqa: E402
 from vesselseg.models import load_model  # noqa: E402
+from vesselseg.prepared import PreparedDataset  # noqa: E402
 from vesselseg.scratch import merge  # noqa: E402
 from vesselseg.topology import TopologyAccumulator  # noqa: E402
 
@@ -66,8 +66,10 @@ def prepare_drive(workdir: Path, config: Path) -> Path:
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overlay)
     params_path = workdir / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage, args in (("download", ["--out", str(workdir / "raw")]),
-                        ("prepare", ["--raw", str(workdir / "raw"), "--out", str(workdir / "prepared")])):
+    for stage, args in (
+        ("download", ["--out", str(workdir / "raw")]),
+        ("prepare", ["--raw", str(workdir / "raw"), "--out", str(workdir / "prepared")]),
+    ):
         try:
             vesselseg(["--params", str(params_path), stage, *args])
         except SystemExit as err:  # the CLI exits 0 on success too
@@ -103,12 +105,21 @@ def main() -> int:
             model=f"{args.model} ({sum(p.numel() for p in model.parameters())} params, {meta.get('config')})",
             data=f"{prepared}, split {args.split}, {len(ids)} images",
             conditions=f"CPU, torch {torch.__version__}, {threads} thread(s), whole image per pass, "
-                       f"channels_last {channels_last}, float32, threshold 0.5, FOV-pooled",
+            f"channels_last {channels_last}, float32, threshold 0.5, FOV-pooled",
         )
 
         def predict(x: np.ndarray) -> np.ndarray:
-            return predict_image(model, x, window=None, overlap=0.0, weighting="constant", batch_size=1,
-                                 device="cpu", amp=False, channels_last=channels_last)
+            return predict_image(
+                model,
+                x,
+                window=None,
+                overlap=0.0,
+                weighting="constant",
+                batch_size=1,
+                device="cpu",
+                amp=False,
+                channels_last=channels_last,
+            )
 
         predict(ds.load(ids[0]).image)  # warm-up: first-call allocations are not TTA's cost
         accs = {m: MetricAccumulator(threshold=0.5) for m in args.modes}
@@ -132,12 +143,37 @@ def main() -> int:
     for mode in args.modes:
         res, cl = accs[mode].result(), topo[mode].result()["cldice"]
         med = statistics.median(seconds[mode])
-        rows.append([mode, len(transforms(mode)), res["dice"], res["auc_roc"], cl,
-                     f"{res['dice'] - ref['dice']:+.4f}", f"{res['auc_roc'] - ref['auc_roc']:+.4f}",
-                     f"{cl - ref_cl:+.4f}", med, f"{med / ref_s:.2f}x"])
+        rows.append(
+            [
+                mode,
+                len(transforms(mode)),
+                res["dice"],
+                res["auc_roc"],
+                cl,
+                f"{res['dice'] - ref['dice']:+.4f}",
+                f"{res['auc_roc'] - ref['auc_roc']:+.4f}",
+                f"{cl - ref_cl:+.4f}",
+                med,
+                f"{med / ref_s:.2f}x",
+            ]
+        )
     print()
-    print_table(["mode", "passes", "F1", "AUC", "clDice", f"dF1 vs {base}", f"dAUC vs {base}",
-                 f"dclDice vs {base}", "s/image (median)", f"time / {base}"], rows, floatfmt=".4f")
+    print_table(
+        [
+            "mode",
+            "passes",
+            "F1",
+            "AUC",
+            "clDice",
+            f"dF1 vs {base}",
+            f"dAUC vs {base}",
+            f"dclDice vs {base}",
+            "s/image (median)",
+            f"time / {base}",
+        ],
+        rows,
+        floatfmt=".4f",
+    )
     return 0
 
 

@@ -41,8 +41,15 @@ def _prepare(name: str, source: Path, work: Path, spec: dict, fov_diameter: int 
     if not raw.is_dir():
         get_adapter(name).materialize(raw, source=source, params=data)
     eq = spec["equalize"]
-    prepare = PrepareParams(slab=None, channel=spec["channel"], equalize=eq["method"], clahe_clip=eq["clahe_clip"],
-                            clahe_tile=eq["clahe_tile"], gamma=spec["gamma"], fov_diameter=fov_diameter)
+    prepare = PrepareParams(
+        slab=None,
+        channel=spec["channel"],
+        equalize=eq["method"],
+        clahe_clip=eq["clahe_clip"],
+        clahe_tile=eq["clahe_tile"],
+        gamma=spec["gamma"],
+        fov_diameter=fov_diameter,
+    )
     out = work / (f"{name}-fov{fov_diameter}" if fov_diameter else f"{name}-native")
     run_prepare(raw_dir=raw, out_dir=out, data=data, prepare=prepare)
     return out
@@ -85,11 +92,20 @@ def main() -> None:
         datasets[f"{name} (native)"] = _prepare(name, Path(src).resolve(), args.work, spec, None)
         datasets[f"{name} (FOV {diameter} px)"] = _prepare(name, Path(src).resolve(), args.work, spec, diameter)
         splits[f"{name} (native)"] = splits[f"{name} (FOV {diameter} px)"] = "all"
-    cells = run_crossdataset(models={m_name: Path(m_path)}, datasets=datasets, out=args.out,
-                             predict=PredictParams(window=None), splits=splits, device="cpu", amp=False)
+    cells = run_crossdataset(
+        models={m_name: Path(m_path)},
+        datasets=datasets,
+        out=args.out,
+        predict=PredictParams(window=None),
+        splits=splits,
+        device="cpu",
+        amp=False,
+    )
     print(args.out.with_suffix(".md").read_text())
-    print(f"{len(cells)} cells in {time.monotonic() - t0:.0f} s on {time.strftime('%Y-%m-%d')}; training-set median "
-          f"FOV diameter {diameter} px")
+    print(
+        f"{len(cells)} cells in {time.monotonic() - t0:.0f} s on {time.strftime('%Y-%m-%d')}; training-set median "
+        f"FOV diameter {diameter} px"
+    )
 
 
 if __name__ == "__main__":

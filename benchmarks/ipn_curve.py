@@ -53,10 +53,10 @@ def main() -> None:
     from vesselseg.families.base import TrainJob
     from vesselseg.families.ipn import IpnFamily
     from vesselseg.inference.predict import run_predict
-    from vesselseg.prepared import PreparedDataset
     from vesselseg.metrics import confusion, scores_from_confusion
     from vesselseg.params import DataParams, ModelParams, Params, PredictParams, PrepareParams, TrainParams
     from vesselseg.prepare import run_prepare
+    from vesselseg.prepared import PreparedDataset
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="ipn_curve-"))
@@ -64,24 +64,57 @@ def main() -> None:
     synth_slab = slab or (60, 100)
 
     t0 = time.monotonic()
-    generate_octa_dataset(out / "raw", n_subjects=args.subjects, n_bscans=args.bscans, depth=args.depth,
-                          width=args.width, slab=synth_slab, seed=args.seed, progress=False)
+    generate_octa_dataset(
+        out / "raw",
+        n_subjects=args.subjects,
+        n_bscans=args.bscans,
+        depth=args.depth,
+        width=args.width,
+        slab=synth_slab,
+        seed=args.seed,
+        progress=False,
+    )
     mark_raw(out / "raw", "synthetic")
     prepare = PrepareParams(slab=slab, volumes=True, volume_depth=args.volume_depth)
-    run_prepare(raw_dir=out / "raw", out_dir=out / "prepared", data=DataParams(dataset="synthetic", seed=args.seed),
-                prepare=prepare)
+    run_prepare(
+        raw_dir=out / "raw",
+        out_dir=out / "prepared",
+        data=DataParams(dataset="synthetic", seed=args.seed),
+        prepare=prepare,
+    )
     t_data = time.monotonic() - t0
 
     model = ModelParams(name="ipn", ipn={"channels": args.channels, "n_blocks": args.n_blocks, "block": args.block})
-    train = TrainParams(lr=args.lr, epochs=args.epochs, batch_size=args.batch, loss="bce+dice", patience=args.epochs,
-                        threads=args.threads, device="cpu", max_minutes=args.minutes)
+    train = TrainParams(
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch,
+        loss="bce+dice",
+        patience=args.epochs,
+        threads=args.threads,
+        device="cpu",
+        max_minutes=args.minutes,
+    )
     params = Params(seed=args.seed, model=model, train=train, prepare=prepare)
-    metrics = IpnFamily().fit(TrainJob(params=params, prepared_dir=out / "prepared", model_path=out / "model.pt",
-                                       checkpoint_path=out / "checkpoint.pt", history_path=out / "history.csv",
-                                       metrics_path=out / "train_metrics.json", model_extra={"recipe": "ipn-curve"}))
-    run_predict(model_path=out / "model.pt", prepared_dir=out / "prepared", out_dir=out / "predictions",
-                device="cpu", amp=False,
-                predict=PredictParams(window=args.block, overlap=0.5, weighting="gaussian", batch_size=args.batch))
+    metrics = IpnFamily().fit(
+        TrainJob(
+            params=params,
+            prepared_dir=out / "prepared",
+            model_path=out / "model.pt",
+            checkpoint_path=out / "checkpoint.pt",
+            history_path=out / "history.csv",
+            metrics_path=out / "train_metrics.json",
+            model_extra={"recipe": "ipn-curve"},
+        )
+    )
+    run_predict(
+        model_path=out / "model.pt",
+        prepared_dir=out / "prepared",
+        out_dir=out / "predictions",
+        device="cpu",
+        amp=False,
+        predict=PredictParams(window=args.block, overlap=0.5, weighting="gaussian", batch_size=args.batch),
+    )
     ds = PreparedDataset(out / "prepared")
     c = np.zeros(4, dtype=np.int64)
     for id_ in ds.ids("test"):
@@ -91,14 +124,20 @@ def main() -> None:
     test = scores_from_confusion(*(int(v) for v in c))
 
     hist = pd.read_csv(out / "history.csv")
-    print(f"\nIPN learning curve ({args.subjects} synthetic subjects, volumes {args.volume_depth}x{args.width}x"
-          f"{args.bscans}, slab {slab}, channels {args.channels}, block {args.block}, batch {args.batch}, "
-          f"{args.threads} threads; data {t_data:.0f} s)")
+    print(
+        f"\nIPN learning curve ({args.subjects} synthetic subjects, volumes {args.volume_depth}x{args.width}x"
+        f"{args.bscans}, slab {slab}, channels {args.channels}, block {args.block}, batch {args.batch}, "
+        f"{args.threads} threads; data {t_data:.0f} s)"
+    )
     print(hist.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"best epoch {metrics['best_epoch']}  best val Dice {metrics['best_val_dice']:.4f}  "
-          f"train {metrics['train_seconds']:.0f} s  params {metrics['n_params']}")
-    print(f"test ({len(ds.ids('test'))} volumes, FOV pooled, threshold 0.5): dice {test['dice']:.4f}  "
-          f"iou {test['iou']:.4f}")
+    print(
+        f"best epoch {metrics['best_epoch']}  best val Dice {metrics['best_val_dice']:.4f}  "
+        f"train {metrics['train_seconds']:.0f} s  params {metrics['n_params']}"
+    )
+    print(
+        f"test ({len(ds.ids('test'))} volumes, FOV pooled, threshold 0.5): dice {test['dice']:.4f}  "
+        f"iou {test['iou']:.4f}"
+    )
     print(f"outputs in {out}")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, load_text  # noqa: E402
+from common import format_table, load_text
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("projection", "stitching", "input_pipeline", "memory_format", "pipeline")  # cheap and independent first
@@ -77,8 +77,9 @@ def run_one(script: Path, quick: bool, log: list[str]) -> Outcome:
     log.append(banner + "\n")
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(
+        cmd, cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
@@ -96,8 +97,13 @@ def run_one(script: Path, quick: bool, log: list[str]) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="pass --quick to every script that supports it")
-    ap.add_argument("--only", action="append", default=[], metavar="NAME",
-                    help="run only this benchmark (name without bench_ and .py); repeatable")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this benchmark (name without bench_ and .py); repeatable",
+    )
     args = ap.parse_args(argv)
     todo = scripts()
     if args.only:
@@ -106,19 +112,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown benchmark(s) {sorted(unknown)}; have {[p.stem for p in todo]}", file=sys.stderr)
             return 2
         todo = [p for p in todo if p.stem.removeprefix("bench_") in args.only]
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     log: list[str] = [f"run_all {' '.join(argv or sys.argv[1:])} at {started:%Y-%m-%d %H:%M UTC}; {load_text()}\n"]
     print(log[0], end="", flush=True)
     outcomes = [run_one(p, args.quick, log) for p in todo]
 
     lines = ["", "===== summary ====="]
     lines += [f"{o.name:15s} {c}" for o in outcomes for c in o.checks]
-    rows = [[o.name, f"{o.seconds:.0f}", o.load.split(" (")[0], sum(_CHECK.search(c).group(1) == "PASS" for c in o.checks),  # type: ignore[union-attr]
-             sum(_CHECK.search(c).group(1) == "FAIL" for c in o.checks), o.status] for o in outcomes]  # type: ignore[union-attr]
+    rows = [
+        [
+            o.name,
+            f"{o.seconds:.0f}",
+            o.load.split(" (")[0],
+            sum(_CHECK.search(c).group(1) == "PASS" for c in o.checks),  # type: ignore[union-attr]
+            sum(_CHECK.search(c).group(1) == "FAIL" for c in o.checks),
+            o.status,
+        ]
+        for o in outcomes
+    ]  # type: ignore[union-attr]
     lines += ["", format_table(["benchmark", "s", "load at start", "PASS lines", "FAIL lines", "verdict"], rows)]
     crashed = [o.name for o in outcomes if o.crashed]
     failed = [o.name for o in outcomes if not o.crashed and o.status == "FAIL"]
-    overall = "CRASH (" + ", ".join(crashed) + ")" if crashed else ("FAIL (" + ", ".join(failed) + ")" if failed else "PASS")
+    overall = (
+        "CRASH (" + ", ".join(crashed) + ")" if crashed else ("FAIL (" + ", ".join(failed) + ")" if failed else "PASS")
+    )
     lines += ["", f"OVERALL VERDICT: {overall}  [{load_text()}]"]
     summary = "\n".join(lines) + "\n"
     print(summary, end="", flush=True)

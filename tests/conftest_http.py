@@ -37,7 +37,7 @@ def _handler(server: LocalServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # keep pytest output clean
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             name = self.path.lstrip("/")
             server.requests.append((name, dict(self.headers)))
             path = server.root / name

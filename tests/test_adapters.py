@@ -207,7 +207,12 @@ def test_synthetic_fundus_adapter_uses_the_drive_scanner(tmp_path: Path) -> None
     samples = adapter.samples(tmp_path / "raw", p)
     assert Counter(s.split for s in samples) == {"train": 2, "test": 2}
     s = samples[0]
-    assert imagefiles.read_image(s.image).shape[:2] == imagefiles.read_mask(s.label).shape == imagefiles.read_mask(s.fov).shape == (64, 64)
+    assert (
+        imagefiles.read_image(s.image).shape[:2]
+        == imagefiles.read_mask(s.label).shape
+        == imagefiles.read_mask(s.fov).shape
+        == (64, 64)
+    )
     # Same layout as DRIVE: the stamp in the raw folder stops a stale folder being read as DRIVE.
     with pytest.raises(DataError, match=r"holds dataset 'synthetic-fundus' but data\.dataset is 'drive'"):
         get_adapter("drive").samples(tmp_path / "raw", params(dataset="drive"))
@@ -485,7 +490,10 @@ def test_lgg_mri_groups_by_patient_and_keeps_empty_slices(tmp_path: Path) -> Non
     ]
     assert [s.group for s in samples] == ["TCGA_CS_4941_19960909"] * 3 + ["TCGA_DU_5849_19950405"] * 2
     assert all(s.split is None for s in samples)
-    assert imagefiles.read_image(samples[1].image).shape == (16, 16, 3) and not imagefiles.read_mask(samples[1].label).any()
+    assert (
+        imagefiles.read_image(samples[1].image).shape == (16, 16, 3)
+        and not imagefiles.read_mask(samples[1].label).any()
+    )
     (src / "TCGA_DU_5849_19950405" / "TCGA_DU_5849_19950405_2_mask.tif").unlink()
     with pytest.raises(DataError, match=r"TCGA_DU_5849_19950405_2\.tif"):
         adapter.materialize(tmp_path / "raw2", source=tmp_path / "archive", params=params(dataset="lgg_mri"))

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
+from vesselseg.errors import DataError, ParamsError
 from vesselseg.families.knn import fit_knn, neighbourhood_features, predict_proba_image, sample_training_pixels
 from vesselseg.families.vesselness import choose_threshold, frangi_vesselness
-from vesselseg.errors import DataError, ParamsError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -60,7 +60,9 @@ def test_sample_training_pixels_keeps_vessels_and_their_surroundings() -> None:
     far = ~label & (dist > 3)
     # the centre feature tells which category a sampled pixel came from
     image = np.where(label, 250, np.where(near, 50, 150)).astype(np.uint8)
-    X, y = sample_training_pixels([image], [label], [fov], background_keep=0.3, near_vessel_px=3, max_pixels=None, rng=1)
+    X, y = sample_training_pixels(
+        [image], [label], [fov], background_keep=0.3, near_vessel_px=3, max_pixels=None, rng=1
+    )
     centre = np.rint(X[:, 4] * 255).astype(int)
     assert int(y.sum()) == int(label.sum()) == int(np.sum(centre == 250))
     assert int(np.sum(centre == 50)) == int((near & fov).sum())
@@ -93,7 +95,7 @@ def test_knn_beats_chance_on_lines() -> None:
     image, label = _line_image(rng)
     prob = predict_proba_image(model, image)
     assert prob.shape == image.shape and prob.dtype == np.float32
-    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    assert prob.min() >= 0.0 and prob.max() <= 1.0
     auc = roc_auc_score(label.ravel(), prob.ravel())
     f1 = f1_score(label.ravel(), prob.ravel() >= 0.5)
     chance_f1 = 2 * label.mean() / (1 + label.mean())  # predicting "vessel" everywhere
@@ -160,7 +162,7 @@ def test_choose_threshold_matches_brute_force() -> None:
     L = np.concatenate([lab[f] for lab, f in zip(labels, fovs, strict=True)])
 
     def dice(th: float) -> float:
-        pred = P >= th
+        pred = th <= P
         return 2 * np.sum(pred & L) / (pred.sum() + L.sum())
 
     candidates = np.unique(np.concatenate([grid, np.quantile(P, grid)]))

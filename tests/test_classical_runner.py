@@ -34,13 +34,17 @@ def fit_classical(*, model: ModelParams, seed: int, prepared_dir: Path, **paths:
 
 def predict_classical(*, model_path: Path, prepared_dir: Path, out_dir: Path, threshold: float) -> dict:
     """The predict stage's call: the one prediction writer, family read from the model file."""
-    return run_predict(model_path=model_path, prepared_dir=prepared_dir, out_dir=out_dir,
-                       predict=PredictParams(threshold=threshold))
+    return run_predict(
+        model_path=model_path, prepared_dir=prepared_dir, out_dir=out_dir, predict=PredictParams(threshold=threshold)
+    )
 
 
 def _paths(tmp: Path) -> dict[str, Path]:
-    return {"model_path": tmp / "models" / "model.pt", "history_path": tmp / "reports" / "history.csv",
-            "metrics_path": tmp / "reports" / "metrics.json"}
+    return {
+        "model_path": tmp / "models" / "model.pt",
+        "history_path": tmp / "reports" / "history.csv",
+        "metrics_path": tmp / "reports" / "metrics.json",
+    }
 
 
 def _check_predictions(out: Path, prepared: Path, threshold: float) -> dict[str, np.ndarray]:
@@ -143,7 +147,10 @@ def test_vesselness_threshold_is_chosen_on_validation_only(tmp_path: Path) -> No
     shutil.copytree(prepared, tmp_path / "prepared2")
     _bright(tmp_path / "prepared2", ids, {"train": 80.0, "val": 80.0, "test": 200.0})
     paths2 = _paths(tmp_path / "second")
-    assert fit_classical(model=model, seed=0, prepared_dir=tmp_path / "prepared2", **paths2)["threshold"] == metrics["threshold"]
+    assert (
+        fit_classical(model=model, seed=0, prepared_dir=tmp_path / "prepared2", **paths2)["threshold"]
+        == metrics["threshold"]
+    )
 
     out = tmp_path / "predictions"
     predict_classical(model_path=paths["model_path"], prepared_dir=prepared, out_dir=out, threshold=0.5)

@@ -52,8 +52,24 @@ def test_two_models_on_two_datasets(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     out = tmp_path / "reports" / "cross"
-    res = CliRunner().invoke(cli, ["--params", str(params), "crossdataset", "--model", f"one={m1}", "--model",
-                                   f"two={m2}", "--dataset", f"A={a}", "--dataset", f"B={b}", "--out", str(out)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "--params",
+            str(params),
+            "crossdataset",
+            "--model",
+            f"one={m1}",
+            "--model",
+            f"two={m2}",
+            "--dataset",
+            f"A={a}",
+            "--dataset",
+            f"B={b}",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output + str(res.exception)
     import pandas as pd
 
@@ -72,8 +88,17 @@ def test_two_models_on_two_datasets(tmp_path: Path) -> None:
     ds = PreparedDataset(b)
     ys, ps = [], []
     for id_ in ds.ids("test"):
-        probs = predict_image(net, ds.load(id_).image, window=None, overlap=0.125, weighting="gaussian", batch_size=4,
-                              device="cpu", amp=False, channels_last=True)
+        probs = predict_image(
+            net,
+            ds.load(id_).image,
+            window=None,
+            overlap=0.125,
+            weighting="gaussian",
+            batch_size=4,
+            device="cpu",
+            amp=False,
+            channels_last=True,
+        )
         probs = to_native(probs, (48, 48))
         from vesselseg.imagefiles import read_mask
 
@@ -98,8 +123,13 @@ def test_unknown_paths_and_splits_are_one_line_errors(tmp_path: Path) -> None:
     from vesselseg.params import PredictParams
 
     with pytest.raises(DataError, match="unknown split 'tset'"):
-        run_crossdataset(models={"m": _model(tmp_path / "m.pt", 0)}, datasets={"a": a}, out=tmp_path / "o",
-                         predict=PredictParams(), split="tset")
+        run_crossdataset(
+            models={"m": _model(tmp_path / "m.pt", 0)},
+            datasets={"a": a},
+            out=tmp_path / "o",
+            predict=PredictParams(),
+            split="tset",
+        )
 
 
 def test_split_per_dataset(tmp_path: Path) -> None:
@@ -111,9 +141,11 @@ def test_split_per_dataset(tmp_path: Path) -> None:
     a = make_prepared(tmp_path / "a" / "prepared")  # 4 train, 2 val, 2 test
     b = make_prepared(tmp_path / "b" / "prepared")
     m = _model(tmp_path / "m.pt", 0)
-    cells = run_crossdataset(models={"m": m}, datasets={"A": a, "B": b}, out=tmp_path / "o", predict=PredictParams(),
-                             splits={"B": "all"})
+    cells = run_crossdataset(
+        models={"m": m}, datasets={"A": a, "B": b}, out=tmp_path / "o", predict=PredictParams(), splits={"B": "all"}
+    )
     assert [(c.dataset, c.split, c.n_images) for c in cells] == [("A", "test", 2), ("B", "all", 8)]
     with pytest.raises(DataError, match="no dataset named 'Z'"):
-        run_crossdataset(models={"m": m}, datasets={"A": a}, out=tmp_path / "o", predict=PredictParams(),
-                         splits={"Z": "all"})
+        run_crossdataset(
+            models={"m": m}, datasets={"A": a}, out=tmp_path / "o", predict=PredictParams(), splits={"Z": "all"}
+        )

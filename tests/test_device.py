@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from vesselseg.device import to_channels_last
+from vesselseg.families import network_config
 from vesselseg.losses import build_loss
 from vesselseg.models import build_model
 from vesselseg.params import ModelParams, TrainParams
 from vesselseg.training.distributed import World
 from vesselseg.training.loop import Trainer
-from vesselseg.families import network_config
 
 CL = torch.channels_last
 
@@ -30,7 +30,9 @@ def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("upsampling", ["bilinear", "transpose"])
 def test_unet_in_channels_last_predicts_what_nchw_predicts(upsampling: str) -> None:
     torch.manual_seed(0)
-    net = build_model(network_config(ModelParams(depth=2, base_channels=4, in_channels=3, upsampling=upsampling))).eval()
+    net = build_model(
+        network_config(ModelParams(depth=2, base_channels=4, in_channels=3, upsampling=upsampling))
+    ).eval()
     fast = copy.deepcopy(net)
     assert to_channels_last(fast)
     weights = _conv_weights(fast)
@@ -50,8 +52,16 @@ def test_3d_net_is_left_in_its_layout() -> None:
 
 def _trainer(net: torch.nn.Module, config: dict, channels_last: bool) -> Trainer:
     params = TrainParams(batch_size=4, lr=1e-2, threads=1, device="cpu", channels_last=channels_last)
-    return Trainer(model=net, model_config=config, loss_fn=build_loss("bce+dice"), params=params, seed=0,
-                   device=torch.device("cpu"), world=World(), steps_per_epoch=1)
+    return Trainer(
+        model=net,
+        model_config=config,
+        loss_fn=build_loss("bce+dice"),
+        params=params,
+        seed=0,
+        device=torch.device("cpu"),
+        world=World(),
+        steps_per_epoch=1,
+    )
 
 
 def test_training_step_in_channels_last_matches_nchw() -> None:

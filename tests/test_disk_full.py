@@ -26,13 +26,26 @@ from vesselseg.atomic import DiskFullError
 from vesselseg.cli import main
 from vesselseg.errors import DataError
 from vesselseg.inference.predict import run_predict
-from vesselseg.params import PredictParams
 from vesselseg.models import build_model, save_model
+from vesselseg.params import PredictParams
 
-UNET = {"name": "unet", "in_channels": 1, "depth": 1, "base_channels": 4, "batch_norm": True, "dropout": 0.0,
-        "upsampling": "bilinear", "padding": "same", "input_norm": False, "out_channels": 1}
-PREDICT = dict(predict=PredictParams(window=16, overlap=0.25, weighting="constant", batch_size=4, threshold=0.5),
-               device="cpu", amp=False)
+UNET = {
+    "name": "unet",
+    "in_channels": 1,
+    "depth": 1,
+    "base_channels": 4,
+    "batch_norm": True,
+    "dropout": 0.0,
+    "upsampling": "bilinear",
+    "padding": "same",
+    "input_norm": False,
+    "out_channels": 1,
+}
+PREDICT = dict(
+    predict=PredictParams(window=16, overlap=0.25, weighting="constant", batch_size=4, threshold=0.5),
+    device="cpu",
+    amp=False,
+)
 
 
 class _Disk:
@@ -71,7 +84,7 @@ class _LimitedFile:
     def __getattr__(self, item: str) -> Any:
         return getattr(self._fh, item)
 
-    def __enter__(self) -> "_LimitedFile":
+    def __enter__(self) -> _LimitedFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -79,10 +92,14 @@ class _LimitedFile:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
-@pytest.fixture()
+@pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     torch.set_num_threads(1)
     make_prepared(tmp_path / "prepared", n_train=1, n_val=2, n_test=2)
@@ -158,7 +175,12 @@ def test_disk_full_in_the_second_split_keeps_every_previous_prediction(
 ) -> None:
     torch.manual_seed(1)
     save_model(workspace / "old.pt", build_model(UNET), UNET)  # previous outputs from another model
-    run_predict(model_path=workspace / "old.pt", prepared_dir=workspace / "prepared", out_dir=workspace / "predictions", **PREDICT)
+    run_predict(
+        model_path=workspace / "old.pt",
+        prepared_dir=workspace / "prepared",
+        out_dir=workspace / "predictions",
+        **PREDICT,
+    )
     previous = _tree(workspace / "predictions")
     disk = _measure(workspace, monkeypatch)
     start, end = _bytes_until(disk, "test")
@@ -195,7 +217,9 @@ def test_cli_prints_one_line_naming_the_file(
     assert not [p for p in (workspace / "out").rglob("*")]
 
 
-def test_atomic_writers_turn_enospc_into_one_error_and_keep_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_writers_turn_enospc_into_one_error_and_keep_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "metrics.json"
     atomic.write_json(target, {"dice": 0.5})
     old = target.read_bytes()

@@ -116,7 +116,10 @@ def test_clahe_equals_opencv_and_raises_contrast() -> None:
     assert out.std() > 1.5 * g.std()
     assert np.ptp(out) > np.ptp(g)
     # A higher clip limit allows more contrast.
-    assert equalize(g, method="clahe", clahe_clip=8.0, clahe_tile=4).std() > equalize(g, method="clahe", clahe_clip=1.0, clahe_tile=4).std()
+    assert (
+        equalize(g, method="clahe", clahe_clip=8.0, clahe_tile=4).std()
+        > equalize(g, method="clahe", clahe_clip=1.0, clahe_tile=4).std()
+    )
 
 
 def test_clahe_with_mask_keeps_outside() -> None:

@@ -109,7 +109,7 @@ def _topology_direct(ids: list[str], arrays: dict[str, dict[str, np.ndarray]]) -
     }
 
 
-@pytest.fixture()
+@pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
     return tmp_path, _make_tree(tmp_path)
 

@@ -107,6 +107,7 @@ def test_load_volume_errors(tmp_path: Path, bscans) -> None:
 
 # -- pipeline on a tiny synthetic OCTA set -------------------------------------------
 
+
 def _prepare(root: Path, volumes: bool = True) -> Path:
     from vesselseg.data.adapters import mark_raw
     from vesselseg.data.synthetic_octa import generate_octa_dataset
@@ -114,12 +115,17 @@ def _prepare(root: Path, volumes: bool = True) -> Path:
 
     raw = root / "raw"
     if not raw.exists():
-        generate_octa_dataset(raw, n_subjects=6, n_bscans=N_BSCANS, depth=DEPTH, width=WIDTH, slab=SLAB, seed=0,
-                              progress=False)
+        generate_octa_dataset(
+            raw, n_subjects=6, n_bscans=N_BSCANS, depth=DEPTH, width=WIDTH, slab=SLAB, seed=0, progress=False
+        )
         mark_raw(raw, "synthetic")
     out = root / ("prepared" if volumes else "prepared_2d")
-    run_prepare(raw_dir=raw, out_dir=out, data=DataParams(dataset="synthetic", val_fraction=0.2, test_fraction=0.2),
-                prepare=PrepareParams(slab=SLAB, volumes=volumes, volume_depth=4, equalize="none"))
+    run_prepare(
+        raw_dir=raw,
+        out_dir=out,
+        data=DataParams(dataset="synthetic", val_fraction=0.2, test_fraction=0.2),
+        prepare=PrepareParams(slab=SLAB, volumes=volumes, volume_depth=4, equalize="none"),
+    )
     return out
 
 
@@ -184,9 +190,16 @@ def _fit(prepared: Path, out: Path, logger=None, **train_kw) -> dict:
 
     train = {"epochs": 3, "batch_size": 4, "lr": 1e-2, "threads": 1, "patience": 50, **train_kw}
     params = Params(model=IPN_MODEL, train=train, prepare={"volumes": True})
-    job = TrainJob(params=params, prepared_dir=prepared, model_path=out / "model.pt", checkpoint_path=out / "ckpt.pt",
-                   history_path=out / "history.csv", metrics_path=out / "metrics.json", logger=logger,
-                   model_extra={"recipe": "test"})
+    job = TrainJob(
+        params=params,
+        prepared_dir=prepared,
+        model_path=out / "model.pt",
+        checkpoint_path=out / "ckpt.pt",
+        history_path=out / "history.csv",
+        metrics_path=out / "metrics.json",
+        logger=logger,
+        model_extra={"recipe": "test"},
+    )
     return IpnFamily(blocks_per_volume=6).fit(job)
 
 
@@ -233,11 +246,11 @@ def test_fit_ipn_needs_volumes(tmp_path: Path, prepared: Path) -> None:
 
 def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
     from vesselseg.families.ipn import predict_volume
-    from vesselseg.inference.predict import run_predict
     from vesselseg.imagefiles import read_mask
-    from vesselseg.prepared import PreparedDataset
+    from vesselseg.inference.predict import run_predict
     from vesselseg.models import load_model, save_model
     from vesselseg.models.ipn import IPN
+    from vesselseg.prepared import PreparedDataset
 
     torch.manual_seed(0)
     net = IPN(channels=4, n_blocks=2, depth=4)
@@ -247,8 +260,14 @@ def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
     save_model(tmp_path / "model.pt", net, {"name": "ipn", "channels": 4, "n_blocks": 2, "depth": 4})
     out = tmp_path / "pred"
     kw = dict(window=12, overlap=0.5, weighting="gaussian", batch_size=3)
-    stats = run_predict(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=out, device="cpu",
-                        amp=False, predict=PredictParams(threshold=0.5, **kw))
+    stats = run_predict(
+        model_path=tmp_path / "model.pt",
+        prepared_dir=prepared,
+        out_dir=out,
+        device="cpu",
+        amp=False,
+        predict=PredictParams(threshold=0.5, **kw),
+    )
     ds = PreparedDataset(prepared)
     model, _ = load_model(tmp_path / "model.pt")
     assert stats["n_images"] == len(ds.ids("val")) + len(ds.ids("test"))
@@ -257,7 +276,7 @@ def test_run_predict_ipn_layout(prepared: Path, tmp_path: Path) -> None:
         for id_ in ds.ids(split):
             probs = np.load(out / split / "probs" / f"{id_}.npy")
             assert probs.dtype == np.float32 and probs.shape == (WIDTH, N_BSCANS)
-            assert 0.0 <= probs.min() and probs.max() <= 1.0
+            assert probs.min() >= 0.0 and probs.max() <= 1.0
             np.testing.assert_array_equal(read_mask(out / split / "masks" / f"{id_}.png", probs.shape), probs >= 0.5)
             vol = np.load(prepared / "volumes" / f"{id_}.npy")
             np.testing.assert_allclose(probs, predict_volume(model, vol, device="cpu", amp=False, **kw), atol=1e-6)
@@ -283,22 +302,29 @@ def test_stitching_reproduces_mean_projection() -> None:
     x = torch.from_numpy(vol.astype(np.float32))[None]
     expect = vol.astype(np.float64).mean(axis=0)
     for weighting in ("gaussian", "constant"):
-        got = sliding_window_inference(x, window=(8, 6), overlap=0.5, weighting=weighting, batch_size=5,
-                                       predictor=depth_as_channels(lambda v: v.mean(dim=2)))
+        got = sliding_window_inference(
+            x,
+            window=(8, 6),
+            overlap=0.5,
+            weighting=weighting,
+            batch_size=5,
+            predictor=depth_as_channels(lambda v: v.mean(dim=2)),
+        )
         assert got.shape == (1, 1, 21, 17)
         np.testing.assert_allclose(got[0, 0].numpy(), expect, rtol=1e-6)
-    probs = predict_volume(_LogitOfMean(), vol, window=(8, 6), overlap=0.25, weighting="gaussian", batch_size=4,
-                           device="cpu", amp=False)
+    probs = predict_volume(
+        _LogitOfMean(), vol, window=(8, 6), overlap=0.25, weighting="gaussian", batch_size=4, device="cpu", amp=False
+    )
     np.testing.assert_allclose(probs, expect / 255.0, atol=1e-5)
 
 
 def test_refresh_batch_norm_recomputes_running_stats(prepared: Path) -> None:
     """After the refresh, the first BN's running mean is the average of its batch means."""
-    from vesselseg.prepared import PreparedDataset
+    from vesselseg.families.ipn import VolumeBlocks, load_volume_items, refresh_batch_norm
     from vesselseg.losses import build_loss
     from vesselseg.models.ipn import IPN
+    from vesselseg.prepared import PreparedDataset
     from vesselseg.training.distributed import World
-    from vesselseg.families.ipn import VolumeBlocks, load_volume_items, refresh_batch_norm
     from vesselseg.training.loop import Trainer
 
     items = load_volume_items(PreparedDataset(prepared), "train")
@@ -308,9 +334,16 @@ def test_refresh_batch_norm_recomputes_running_stats(prepared: Path) -> None:
     net = IPN(channels=4, n_blocks=2, depth=4)
     bn = net.blocks[0][1]
     bn.running_mean.fill_(5.0)
-    trainer = Trainer(model=net, model_config={"name": "ipn", "out_channels": 1}, loss_fn=build_loss("bce"),
-                      params=TrainParams(threads=1, device="cpu"), seed=0, device=torch.device("cpu"),
-                      world=World(), steps_per_epoch=len(blocks))
+    trainer = Trainer(
+        model=net,
+        model_config={"name": "ipn", "out_channels": 1},
+        loss_fn=build_loss("bce"),
+        params=TrainParams(threads=1, device="cpu"),
+        seed=0,
+        device=torch.device("cpu"),
+        world=World(),
+        steps_per_epoch=len(blocks),
+    )
     conv = net.blocks[0][0]
     with torch.no_grad():
         ref = torch.stack([conv(x).mean(dim=(0, 2, 3, 4)) for x, _, _ in blocks.epoch(3)]).mean(dim=0)

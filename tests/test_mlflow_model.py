@@ -54,8 +54,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             newer.log_model(other)
         result = promote(ev.run_id, name="vs-mlm", uri=uri)
     assert result.promoted
-    return {"repo": repo, "uri": uri, "model": model_file, "train": train.run_id, "evaluate": ev.run_id,
-            "newer": newer.run_id}
+    return {
+        "repo": repo,
+        "uri": uri,
+        "model": model_file,
+        "train": train.run_id,
+        "evaluate": ev.run_id,
+        "newer": newer.run_id,
+    }
 
 
 def _client(uri: str) -> Any:
@@ -97,8 +103,14 @@ def test_champion_in_a_fresh_process_predicts_what_segment_writes(store: dict[st
         "m = mlflow.pyfunc.load_model('models:/vs-mlm@champion')\n"
         "np.save(sys.argv[2], m.predict(np.load(sys.argv[1])))\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "eye.npy"), str(tmp_path / "probs.npy")],
-                   check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "eye.npy"), str(tmp_path / "probs.npy")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
     pyfunc = np.load(tmp_path / "probs.npy")
     seg.run_segment([tmp_path / "eye.png"], model=store["model"], out_dir=tmp_path / "out", probs_format="tiff")
     written = tifffile.imread(tmp_path / "out" / "eye_probs.tif")
@@ -106,10 +118,16 @@ def test_champion_in_a_fresh_process_predicts_what_segment_writes(store: dict[st
     assert float(np.abs(pyfunc - written).max()) <= 1e-5
 
 
-def test_segment_accepts_the_registry_uri(store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segment_accepts_the_registry_uri(
+    store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     Image.fromarray(fundus_rgb(12, size=80)).save(tmp_path / "x.png")
-    res = seg.run_segment([tmp_path / "x.png"], model="models:/vs-mlm@champion", out_dir=tmp_path / "a", probs_format="tiff")
+    res = seg.run_segment(
+        [tmp_path / "x.png"], model="models:/vs-mlm@champion", out_dir=tmp_path / "a", probs_format="tiff"
+    )
     assert res["failed"] == {}
     seg.run_segment([tmp_path / "x.png"], model=store["model"], out_dir=tmp_path / "b", probs_format="tiff")
-    assert np.array_equal(tifffile.imread(tmp_path / "a" / "x_probs.tif"), tifffile.imread(tmp_path / "b" / "x_probs.tif"))
+    assert np.array_equal(
+        tifffile.imread(tmp_path / "a" / "x_probs.tif"), tifffile.imread(tmp_path / "b" / "x_probs.tif")
+    )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vesselseg.errors import DataError, ParamsError
+from vesselseg.families import network_config
 from vesselseg.models import (
     IPN,
     ResNetPatch,
@@ -23,7 +24,6 @@ from vesselseg.models import (
 )
 from vesselseg.models.ipn import depth_pool_factors
 from vesselseg.models.resnet_patch import load_imagenet_weights
-from vesselseg.families import network_config
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,12 @@ def test_valid_padding_predictor_passes_same_models_through() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"depth": 0}, "depth"), ({"upsampling": "nearest"}, "upsampling"), ({"padding": "full"}, "padding"), ({"dropout": 1.0}, "dropout")],
+    [
+        ({"depth": 0}, "depth"),
+        ({"upsampling": "nearest"}, "upsampling"),
+        ({"padding": "full"}, "padding"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
 )
 def test_unet_rejects_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -205,8 +210,15 @@ def test_resnet34_parameter_count_matches_torchvision() -> None:
     model = ResNetPatch(in_channels=3)
     assert count_parameters(model) == 21_797_672 - 512 * 1000 - 1000 + 512 + 1
     keys = model.state_dict().keys()
-    for k in ("conv1.weight", "bn1.running_var", "layer1.2.conv2.weight", "layer2.0.downsample.0.weight",
-              "layer3.5.bn2.bias", "layer4.2.conv1.weight", "fc.weight"):
+    for k in (
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.2.conv2.weight",
+        "layer2.0.downsample.0.weight",
+        "layer3.5.bn2.bias",
+        "layer4.2.conv1.weight",
+        "fc.weight",
+    ):
         assert k in keys
 
 
@@ -251,7 +263,11 @@ def test_load_imagenet_weights(tmp_path: Path) -> None:
     ("config", "x_shape", "y_shape"),
     [
         ({"name": "unet", "depth": 2, "base_channels": 4}, (2, 1, 24, 24), (2, 1, 24, 24)),
-        ({"name": "unet", "depth": 2, "base_channels": 4, "padding": "valid", "upsampling": "transpose"}, (2, 1, 44, 44), (2, 1, 4, 4)),
+        (
+            {"name": "unet", "depth": 2, "base_channels": 4, "padding": "valid", "upsampling": "transpose"},
+            (2, 1, 44, 44),
+            (2, 1, 4, 4),
+        ),
         ({"name": "ipn", "channels": 4, "n_blocks": 2, "depth": 8}, (2, 1, 8, 10, 10), (2, 1, 10, 10)),
         ({"name": "resnet_patch", "width": 2}, (4, 1, 27, 27), (4, 1)),
     ],
@@ -334,7 +350,10 @@ def test_checkpoint_from_another_architecture(tmp_path: Path) -> None:
     # resuming/fine-tuning into a different network
     with pytest.raises(DataError, match=r"model\.pt: weights do not match this UNet.*unexpected \(e\.g\. downs\.1\."):
         load_weights_into(UNet(depth=1, base_channels=4), path)
-    with pytest.raises(DataError, match=r"model\.pt: weights do not match.*other shapes.*inc\.0\.weight \(4, 1, 3, 3\) vs \(8, 1, 3, 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"model\.pt: weights do not match.*other shapes.*inc\.0\.weight \(4, 1, 3, 3\) vs \(8, 1, 3, 3\)",
+    ):
         load_weights_into(UNet(depth=2, base_channels=8), path)
     # a file whose config does not describe its weights (edited or mixed up)
     obj = torch.load(path, weights_only=True)

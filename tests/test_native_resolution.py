@@ -48,9 +48,17 @@ def test_evaluate_maps_predictions_back_and_scores_native_pixels(tmp_path: Path)
                 expect_tp += int((p & label & fov).sum())
                 expect_n += int(((p | label) & fov).sum()) + int((p & label & fov).sum())
     out = tmp_path / "reports"
-    metrics = run_evaluate(prepared_dir=half, predictions_dir=preds, metrics_path=out / "metrics.json",
-                           per_image_path=out / "per_image.csv", plots_dir=out / "plots", overlays_dir=out / "ov",
-                           threshold=0.5, n_overlays=0, curve_points=11)
+    metrics = run_evaluate(
+        prepared_dir=half,
+        predictions_dir=preds,
+        metrics_path=out / "metrics.json",
+        per_image_path=out / "per_image.csv",
+        plots_dir=out / "plots",
+        overlays_dir=out / "ov",
+        threshold=0.5,
+        n_overlays=0,
+        curve_points=11,
+    )
     assert metrics["test"]["dice"] == pytest.approx(2 * expect_tp / expect_n, abs=1e-6)
 
 

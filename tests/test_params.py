@@ -73,8 +73,11 @@ def test_schema_defaults_are_the_shipped_params_yaml() -> None:
     """params.yaml is the one source of truth: the schema's defaults may not drift from it."""
     shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").flat()
     defaults = Params().flat()
-    drift = {k: (defaults.get(k, "<absent>"), shipped.get(k, "<absent>")) for k in set(shipped) | set(defaults)
-             if defaults.get(k, "<absent>") != shipped.get(k, "<absent>")}
+    drift = {
+        k: (defaults.get(k, "<absent>"), shipped.get(k, "<absent>"))
+        for k in set(shipped) | set(defaults)
+        if defaults.get(k, "<absent>") != shipped.get(k, "<absent>")
+    }
     assert not drift, f"schema default != params.yaml (key: (schema, yaml)): {drift}"
 
 
@@ -96,8 +99,10 @@ def test_schema_defaults_are_the_shipped_params_yaml() -> None:
         ({"model.name": "knn", "prepare.channel": "rgb"}, ("prepare.channel", "model.name")),
         ({"model.name": "vesselness", "model.in_channels": 3}, ("model.in_channels", "model.name")),
         # two classes only where the family has a softmax head
-        ({"model.name": "resnet_patch", "model.out_channels": 2, "train.loss": "bce"},
-         ("model.out_channels", "model.name")),
+        (
+            {"model.name": "resnet_patch", "model.out_channels": 2, "train.loss": "bce"},
+            ("model.out_channels", "model.name"),
+        ),
     ],
 )
 def test_cross_section_rules_name_both_keys(tmp_path: Path, overrides: dict, keys: tuple[str, str]) -> None:

@@ -14,13 +14,13 @@ from torch import nn
 from tests.helpers import make_prepared
 from vesselseg import imagefiles
 from vesselseg.errors import ParamsError
-from vesselseg.prepared import PreparedDataset
+from vesselseg.families.resnet_patch import CentreBatches, grid_stride, predict_probability_map
+from vesselseg.inference.predict import run_predict
 from vesselseg.models import load_model
 from vesselseg.models.resnet_patch import ResNetPatch
 from vesselseg.params import ModelParams, PredictParams, TrainParams
 from vesselseg.patches import run_patches
-from vesselseg.families.resnet_patch import CentreBatches, grid_stride, predict_probability_map
-from vesselseg.inference.predict import run_predict
+from vesselseg.prepared import PreparedDataset
 
 torch.set_num_threads(1)
 
@@ -31,9 +31,19 @@ PATCH = 16
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pc")
     prepared = make_prepared(root / "prepared", n_train=3, n_val=1, n_test=2, size=40)
-    run_patches(prepared_dir=prepared, out_dir=root / "patches", size=PATCH, per_image=24, val_per_image=16,
-                sampling="foreground", foreground_fraction=0.5, augment_copies=0, rotate_limit=0.0,
-                scale_limit=0.0, seed=0)
+    run_patches(
+        prepared_dir=prepared,
+        out_dir=root / "patches",
+        size=PATCH,
+        per_image=24,
+        val_per_image=16,
+        sampling="foreground",
+        foreground_fraction=0.5,
+        augment_copies=0,
+        rotate_limit=0.0,
+        scale_limit=0.0,
+        seed=0,
+    )
     return prepared, root / "patches"
 
 
@@ -47,10 +57,19 @@ def _fit(tmp: Path, data: tuple[Path, Path], model: ModelParams, train: TrainPar
     from vesselseg.families.resnet_patch import FAMILY
     from vesselseg.params import parse_params
 
-    paths = {"model_path": tmp / "model.pt", "checkpoint_path": tmp / "ckpt.pt",
-             "history_path": tmp / "history.csv", "metrics_path": tmp / "metrics.json"}
-    job = TrainJob(params=parse_params({"seed": 0, "model": model, "train": train}), prepared_dir=data[0],
-                   patch_dir=data[1], model_extra={"recipe": "resnet-patch"}, **paths)
+    paths = {
+        "model_path": tmp / "model.pt",
+        "checkpoint_path": tmp / "ckpt.pt",
+        "history_path": tmp / "history.csv",
+        "metrics_path": tmp / "metrics.json",
+    }
+    job = TrainJob(
+        params=parse_params({"seed": 0, "model": model, "train": train}),
+        prepared_dir=data[0],
+        patch_dir=data[1],
+        model_extra={"recipe": "resnet-patch"},
+        **paths,
+    )
     return FAMILY.fit(job), paths
 
 
@@ -74,7 +93,7 @@ def test_centre_batches_pick_the_centre_pixel() -> None:
             m[1, 0, 2, 2] = 0
             yield torch.zeros(2, 1, 5, 5), y, m
 
-    (x, y, m), = list(CentreBatches(Fake(), 5).epoch(1))
+    ((x, y, m),) = list(CentreBatches(Fake(), 5).epoch(1))
     assert y.tolist() == [[1.0], [0.0]] and m.tolist() == [[1.0], [0.0]] and x.shape == (2, 1, 5, 5)
 
 
@@ -110,29 +129,37 @@ def test_one_epoch_then_prediction_of_the_right_shape(tmp_path: Path, data: tupl
     assert meta["extra"]["recipe"] == "resnet-patch" and meta["config"]["width"] == 4
 
     out = tmp_path / "pred"
-    stats = run_predict(model_path=paths["model_path"], prepared_dir=data[0], out_dir=out, device="cpu",
-                        predict=PredictParams(window=24, overlap=0.5, weighting="gaussian", batch_size=32, threshold=0.5))
+    stats = run_predict(
+        model_path=paths["model_path"],
+        prepared_dir=data[0],
+        out_dir=out,
+        device="cpu",
+        predict=PredictParams(window=24, overlap=0.5, weighting="gaussian", batch_size=32, threshold=0.5),
+    )
     assert stats["stride"] == 3 and stats["n_images"] == 3
     ds = PreparedDataset(data[0])
     for split in ("val", "test"):
         for id_ in ds.ids(split):
             p = np.load(out / split / "probs" / f"{id_}.npy")
-            assert p.shape == (40, 40) and p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
+            assert p.shape == (40, 40) and p.dtype == np.float32 and p.min() >= 0.0 and p.max() <= 1.0
             mask = imagefiles.read_image(out / split / "masks" / f"{id_}.png")
             np.testing.assert_array_equal(mask == 255, p >= 0.5)
             # at grid centres the map is the network's own output for that patch
             image = ds.load(id_).image
             padded = np.pad(image, PATCH, mode="reflect")
             r, c = 3, 6
-            patch = padded[r + PATCH - PATCH // 2 : r + PATCH - PATCH // 2 + PATCH,
-                           c + PATCH - PATCH // 2 : c + PATCH - PATCH // 2 + PATCH]
+            patch = padded[
+                r + PATCH - PATCH // 2 : r + PATCH - PATCH // 2 + PATCH,
+                c + PATCH - PATCH // 2 : c + PATCH - PATCH // 2 + PATCH,
+            ]
             with torch.no_grad():
                 ref = torch.sigmoid(net(torch.from_numpy(patch / np.float32(255))[None, None].float()))[0, 0]
             assert p[r, c] == pytest.approx(float(ref), abs=1e-5)
 
 
-def test_imagenet_weights_are_the_starting_point(tmp_path: Path, data: tuple[Path, Path],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_are_the_starting_point(
+    tmp_path: Path, data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """model.resnet_patch.weights goes through load_imagenet_weights (tested with a real
     ResNet34 file in test_models) before training; a spy keeps this test small."""
     import vesselseg.models.resnet_patch as rp

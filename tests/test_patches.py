@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vesselseg.prepared import Item
 from vesselseg.patches import crop, extract_patches, sample_corners
+from vesselseg.prepared import Item
 
 
 def _scene(h: int = 64, w: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -21,8 +21,9 @@ def _scene(h: int = 64, w: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def test_corners_keep_patches_inside() -> None:
     _, label, fov = _scene()
-    c = sample_corners(label, fov, n=500, size=16, sampling="uniform", foreground_fraction=0.0,
-                       rng=np.random.default_rng(1))
+    c = sample_corners(
+        label, fov, n=500, size=16, sampling="uniform", foreground_fraction=0.0, rng=np.random.default_rng(1)
+    )
     assert c.shape == (500, 2)
     assert c[:, 0].min() >= 0 and c[:, 0].max() <= 64 - 16
     assert c[:, 1].min() >= 0 and c[:, 1].max() <= 80 - 16
@@ -47,8 +48,9 @@ def test_foreground_sampling_raises_vessel_share() -> None:
 def test_uniform_centres_stay_in_fov() -> None:
     _, label, fov = _scene()
     size = 8
-    c = sample_corners(label, fov, n=2000, size=size, sampling="uniform", foreground_fraction=0,
-                       rng=np.random.default_rng(3))
+    c = sample_corners(
+        label, fov, n=2000, size=size, sampling="uniform", foreground_fraction=0, rng=np.random.default_rng(3)
+    )
     # centres are drawn in the FOV and only shifted when the patch would leave the image
     assert fov[c[:, 0] + size // 2, c[:, 1] + size // 2].all()
 
@@ -69,8 +71,17 @@ def test_rgb_crop() -> None:
 
 def test_extract_is_deterministic_and_per_image_independent() -> None:
     items = [Item(f"i{k}", *_scene(seed=k)) for k in range(3)]
-    kw = dict(split="train", size=16, per_image=20, sampling="foreground", foreground_fraction=0.5,
-              augment_copies=0, rotate_limit=0.0, scale_limit=0.0, seed=7)
+    kw = dict(
+        split="train",
+        size=16,
+        per_image=20,
+        sampling="foreground",
+        foreground_fraction=0.5,
+        augment_copies=0,
+        rotate_limit=0.0,
+        scale_limit=0.0,
+        seed=7,
+    )
     a = extract_patches(items, **kw)
     b = extract_patches(items, **kw)
     np.testing.assert_array_equal(a.images, b.images)
@@ -84,8 +95,18 @@ def test_offline_augmentation_keeps_image_and_mask_aligned() -> None:
     image, label, fov = _scene()
     image = np.where(label, 255, 0).astype(np.uint8)  # the image *is* the label
     items = [Item("a", image, label, fov)]
-    ps = extract_patches(items, split="train", size=24, per_image=30, sampling="foreground",
-                         foreground_fraction=1.0, augment_copies=2, rotate_limit=45.0, scale_limit=0.05, seed=0)
+    ps = extract_patches(
+        items,
+        split="train",
+        size=24,
+        per_image=30,
+        sampling="foreground",
+        foreground_fraction=1.0,
+        augment_copies=2,
+        rotate_limit=45.0,
+        scale_limit=0.05,
+        seed=0,
+    )
     assert len(ps.images) == 90
     aug = ps.images[30:] > 127
     lab = ps.labels[30:].astype(bool)
@@ -98,9 +119,18 @@ def test_patch_larger_than_image_is_refused() -> None:
     from vesselseg.errors import DataError
 
     with pytest.raises(DataError, match="patches.size=48"):
-        extract_patches([Item("small", image, label, fov)], split="train", size=48, per_image=5,
-                        sampling="uniform", foreground_fraction=0, augment_copies=0, rotate_limit=0,
-                        scale_limit=0, seed=0)
+        extract_patches(
+            [Item("small", image, label, fov)],
+            split="train",
+            size=48,
+            per_image=5,
+            sampling="uniform",
+            foreground_fraction=0,
+            augment_copies=0,
+            rotate_limit=0,
+            scale_limit=0,
+            seed=0,
+        )
 
 
 def test_image_weighting_by_foreground_share() -> None:
@@ -109,7 +139,18 @@ def test_image_weighting_by_foreground_share() -> None:
     b_lab = b_lab.copy()
     b_lab[10:20, :] = True  # image b has far more vessel than image a
     items = [Item("a", *a), Item("b", b_img, b_lab, b_fov)]
-    ps = extract_patches(items, split="train", size=16, per_image=50, sampling="uniform", foreground_fraction=0,
-                         augment_copies=0, rotate_limit=0, scale_limit=0, seed=0, image_weighting="foreground")
+    ps = extract_patches(
+        items,
+        split="train",
+        size=16,
+        per_image=50,
+        sampling="uniform",
+        foreground_fraction=0,
+        augment_copies=0,
+        rotate_limit=0,
+        scale_limit=0,
+        seed=0,
+        image_weighting="foreground",
+    )
     counts = ps.manifest["image_id"].value_counts()
     assert counts.sum() == 100 and counts["b"] > 2 * counts["a"] >= 2

@@ -17,8 +17,8 @@ from vesselseg import imagefiles
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference import predict_image, resolve_device
 from vesselseg.inference.predict import run_predict as _run_predict
-from vesselseg.params import PredictParams
 from vesselseg.inference.sliding_window import fit_window
+from vesselseg.params import PredictParams
 from vesselseg.prepared import write_item
 
 torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def test_whole_image_window_and_eval_mode_restored() -> None:
     with torch.no_grad():
         expected = torch.sigmoid(net(torch.from_numpy(img).float()[None, None] / 255.0))[0, 0].numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-6, rtol=0)  # dropout was off
-    assert 0.0 <= probs.min() and probs.max() <= 1.0
+    assert probs.min() >= 0.0 and probs.max() <= 1.0
 
 
 def test_window_longer_than_the_image_spans_it_whole() -> None:
@@ -89,9 +89,17 @@ def test_window_longer_than_the_image_spans_it_whole() -> None:
     exactly the whole-image pass."""
     net = _pointwise(1, 1)
     img = _image(12, 30, 0)
-    np.testing.assert_array_equal(predict_image(net, img, **{**SW, "window": 16}), predict_image(net, img, **{**SW, "window": (12, 16)}))
-    np.testing.assert_array_equal(predict_image(net, img, **{**SW, "window": 1024}), predict_image(net, img, **{**SW, "window": None}))
-    assert fit_window(1024, 12, 30) == (12, 30) and fit_window((8, 64), 12, 30) == (8, 30) and fit_window(5, 12, 30) == (5, 5)
+    np.testing.assert_array_equal(
+        predict_image(net, img, **{**SW, "window": 16}), predict_image(net, img, **{**SW, "window": (12, 16)})
+    )
+    np.testing.assert_array_equal(
+        predict_image(net, img, **{**SW, "window": 1024}), predict_image(net, img, **{**SW, "window": None})
+    )
+    assert (
+        fit_window(1024, 12, 30) == (12, 30)
+        and fit_window((8, 64), 12, 30) == (8, 30)
+        and fit_window(5, 12, 30) == (5, 5)
+    )
 
 
 def test_predict_image_errors() -> None:
@@ -114,15 +122,35 @@ SPLIT = {"val": ["a"], "test": ["b", "c", "d"]}
 RUN = dict(window=20, overlap=0.5, weighting="gaussian", batch_size=8, threshold=0.4, device="cpu", amp=True)
 
 
-def run_predict(*, model_path: Path, prepared_dir: Path, out_dir: Path, device: str = "cpu", amp: bool = True,
-                splits: tuple[str, ...] = ("val", "test"), **predict: object) -> dict:
+def run_predict(
+    *,
+    model_path: Path,
+    prepared_dir: Path,
+    out_dir: Path,
+    device: str = "cpu",
+    amp: bool = True,
+    splits: tuple[str, ...] = ("val", "test"),
+    **predict: object,
+) -> dict:
     """The writer with predict.* as keywords; unvalidated, so run_predict's own checks are what is tested."""
-    return _run_predict(model_path=model_path, prepared_dir=prepared_dir, out_dir=out_dir, device=device, amp=amp,
-                        splits=splits, predict=PredictParams.model_construct(**{**PredictParams().model_dump(), **predict}))
+    return _run_predict(
+        model_path=model_path,
+        prepared_dir=prepared_dir,
+        out_dir=out_dir,
+        device=device,
+        amp=amp,
+        splits=splits,
+        predict=PredictParams.model_construct(**{**PredictParams().model_dump(), **predict}),
+    )
 
 
-def _fake_model(monkeypatch: pytest.MonkeyPatch, model_path: Path, net: nn.Module | None, in_channels: int = 1,
-                loaded: list[Path] | None = None) -> None:
+def _fake_model(
+    monkeypatch: pytest.MonkeyPatch,
+    model_path: Path,
+    net: nn.Module | None,
+    in_channels: int = 1,
+    loaded: list[Path] | None = None,
+) -> None:
     """Make ``model_path`` load as ``net`` through the U-Net family's predictor (the file is a stub)."""
     from vesselseg.families.unet import FAMILY, WindowPredictor
 
@@ -174,8 +202,14 @@ def test_run_predict_with_saved_unet(tmp_path: Path, channels_last: bool) -> Non
     torch.manual_seed(0)
     save_model(tmp_path / "model.pt", UNet(**{k: v for k, v in config.items() if k != "name"}), config)
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
-    run_predict(model_path=tmp_path / "model.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", splits=("test",),
-                channels_last=channels_last, **RUN)
+    run_predict(
+        model_path=tmp_path / "model.pt",
+        prepared_dir=prepared,
+        out_dir=tmp_path / "pred",
+        splits=("test",),
+        channels_last=channels_last,
+        **RUN,
+    )
     assert not (tmp_path / "pred" / "val").exists()
     model, _ = load_model(tmp_path / "model.pt")
     model_cl, _ = load_model(tmp_path / "model.pt")
@@ -183,7 +217,7 @@ def test_run_predict_with_saved_unet(tmp_path: Path, channels_last: bool) -> Non
     kw = {k: v for k, v in RUN.items() if k != "threshold"}
     for id_ in SPLIT["test"]:
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
-        assert probs.shape == SIZES[id_] and 0.0 <= probs.min() and probs.max() <= 1.0
+        assert probs.shape == SIZES[id_] and probs.min() >= 0.0 and probs.max() <= 1.0
         image = imagefiles.read_image(prepared / "images" / f"{id_}.png")
         nchw = predict_image(model, image, **kw)
         nhwc = predict_image(model_cl, image, channels_last=True, **kw)
@@ -242,7 +276,9 @@ def test_run_predict_whole_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     prepared = _prepared(tmp_path / "prepared", SIZES, SPLIT)
     net = _pointwise(1, 1, seed=6)
     _fake_model(monkeypatch, tmp_path / "m.pt", net)
-    run_predict(model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **{**RUN, "window": None})
+    run_predict(
+        model_path=tmp_path / "m.pt", prepared_dir=prepared, out_dir=tmp_path / "pred", **{**RUN, "window": None}
+    )
     for id_ in SPLIT["test"]:  # image c (20x20) is smaller than the 24 px window that fails above
         probs = np.load(tmp_path / "pred" / "test" / "probs" / f"{id_}.npy")
         image = imagefiles.read_image(prepared / "images" / f"{id_}.png")

@@ -31,8 +31,12 @@ def fundus_raw(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataPara
 
 
 def test_spec_is_plain_json_and_carries_every_setting() -> None:
-    spec = preprocessing_spec(DataParams(dataset="drive"), PrepareParams(gamma=1.3, equalize="global"),
-                              ModelParams(in_channels=1, input_norm=True), 0.42)
+    spec = preprocessing_spec(
+        DataParams(dataset="drive"),
+        PrepareParams(gamma=1.3, equalize="global"),
+        ModelParams(in_channels=1, input_norm=True),
+        0.42,
+    )
     assert json.loads(json.dumps(spec)) == spec
     assert spec["channel"] == "green" and spec["gamma"] == 1.3 and spec["equalize"]["method"] == "global"
     assert spec["threshold"] == 0.42 and spec["in_channels"] == 1 and spec["input"]["input_norm"] is True
@@ -41,7 +45,9 @@ def test_spec_is_plain_json_and_carries_every_setting() -> None:
     assert image_spec(DataParams(dataset="octa500"), PrepareParams())["fov"]["rule"] == "full"
 
 
-def test_prepared_images_equal_preprocess_image_of_the_raw_files(fundus_raw: tuple[Path, DataParams], tmp_path: Path) -> None:
+def test_prepared_images_equal_preprocess_image_of_the_raw_files(
+    fundus_raw: tuple[Path, DataParams], tmp_path: Path
+) -> None:
     """One implementation: what prepare wrote is exactly what segment would compute."""
     raw, data = fundus_raw
     prepare = PrepareParams(gamma=1.2)
@@ -57,8 +63,9 @@ def test_prepared_images_equal_preprocess_image_of_the_raw_files(fundus_raw: tup
     assert not (tmp_path / "prep" / NATIVE_SIZES).exists()  # nothing resized: no new file, same bytes as before
 
 
-def test_fov_diameter_resizes_image_label_and_fov_and_stores_native_sizes(fundus_raw: tuple[Path, DataParams],
-                                                                          tmp_path: Path) -> None:
+def test_fov_diameter_resizes_image_label_and_fov_and_stores_native_sizes(
+    fundus_raw: tuple[Path, DataParams], tmp_path: Path
+) -> None:
     raw, data = fundus_raw
     run_prepare(raw_dir=raw, out_dir=tmp_path / "prep", data=data, prepare=PrepareParams(fov_diameter=64))
     sizes = native_sizes(tmp_path / "prep")
@@ -96,7 +103,7 @@ def test_to_native_maps_back_and_is_identity_at_native_size() -> None:
     probs = np.linspace(0, 1, 50 * 40, dtype=np.float32).reshape(50, 40)
     assert to_native(probs, (50, 40)) is probs
     up = to_native(probs, (100, 80))
-    assert up.shape == (100, 80) and up.dtype == np.float32 and 0.0 <= up.min() and up.max() <= 1.0
+    assert up.shape == (100, 80) and up.dtype == np.float32 and up.min() >= 0.0 and up.max() <= 1.0
     assert to_native(probs, (25, 20)).shape == (25, 20)
 
 

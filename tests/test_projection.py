@@ -40,7 +40,9 @@ def expected(method: str, slab: tuple[int, int] | None) -> np.ndarray:
     return (100.0 * j + depth_term + x).astype(np.float32)
 
 
-def write_bmp8(path: Path, img: np.ndarray, *, top_down: bool = False, palette: np.ndarray | None = None, info_size: int = 40) -> None:
+def write_bmp8(
+    path: Path, img: np.ndarray, *, top_down: bool = False, palette: np.ndarray | None = None, info_size: int = 40
+) -> None:
     """An 8-bit palette BMP written by hand (independent of the code under test)."""
     h, w = img.shape
     stride = (w + 3) // 4 * 4
@@ -50,7 +52,9 @@ def write_bmp8(path: Path, img: np.ndarray, *, top_down: bool = False, palette: 
     rows = img if top_down else img[::-1]
     pix = np.zeros((h, stride), np.uint8)
     pix[:, :w] = rows
-    info = struct.pack("<IiiHHIIiiII", info_size, w, -h if top_down else h, 1, 8, 0, stride * h, 2835, 2835, len(pal), 0)
+    info = struct.pack(
+        "<IiiHHIIiiII", info_size, w, -h if top_down else h, 1, 8, 0, stride * h, 2835, 2835, len(pal), 0
+    )
     info += b"\0" * (info_size - len(info))
     head = b"BM" + struct.pack("<IHHI", offset + stride * h, 0, 0, offset)
     path.write_bytes(head + info + pal_bytes + pix.tobytes())
@@ -71,7 +75,7 @@ def write_volume(folder: Path, vol: np.ndarray, **kw: object) -> list[Path]:
     return paths
 
 
-@pytest.fixture()
+@pytest.fixture
 def volume_files(tmp_path: Path) -> list[Path]:
     return write_volume(tmp_path / "vol", hand_volume())
 
@@ -86,7 +90,9 @@ def test_hand_writer_is_a_valid_bmp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["mean", "max", "min"])
 @pytest.mark.parametrize("slab", [None, (1, 3), (0, 1), (3, 4)])
-def test_project_volume_matches_hand_values(volume_files: list[Path], method: str, slab: tuple[int, int] | None) -> None:
+def test_project_volume_matches_hand_values(
+    volume_files: list[Path], method: str, slab: tuple[int, int] | None
+) -> None:
     out = project_volume(volume_files, method=method, slab=slab)  # type: ignore[arg-type]
     assert out.dtype == np.float32 and out.shape == (WIDTH, N_BSCANS)
     np.testing.assert_array_equal(out, expected(method, slab))
@@ -272,5 +278,9 @@ def test_deep_padded_slices_match_numpy(tmp_path: Path, slab: tuple[int, int] | 
             raw[offset + r * 8 + 7] = 255 if r % 2 else 0
         p.write_bytes(bytes(raw))
     a, b = (0, 70) if slab is None else slab
-    for method, ref in (("max", vol[:, a:b].max(axis=1)), ("min", vol[:, a:b].min(axis=1)), ("mean", vol[:, a:b].mean(axis=1))):
+    for method, ref in (
+        ("max", vol[:, a:b].max(axis=1)),
+        ("min", vol[:, a:b].min(axis=1)),
+        ("mean", vol[:, a:b].mean(axis=1)),
+    ):
         np.testing.assert_allclose(project_volume(paths, method=method, slab=slab), ref.T, rtol=1e-6)  # type: ignore[arg-type]

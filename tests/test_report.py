@@ -28,16 +28,56 @@ PARAMS_OLD = {"data": {"dataset": "synthetic", "seed": 0}, "train": {"lr": 0.001
 PARAMS_NEW = {"data": {"dataset": "synthetic", "seed": 0}, "train": {"lr": 0.0003, "epochs": 4}, "model": {"depth": 3}}
 
 METRICS_OLD = {
-    "test": {"dice": 0.71234, "auc_roc": 0.95, "sensitivity": 0.7, "specificity": 0.97, "log_loss": 0.21, "n_images": 3,
-             "cldice": 0.74, "betti0_error": 12.333333, "betti1_error": 3.0, "cal": 0.61},
-    "val": {"dice": 0.70001, "auc_roc": 0.94, "sensitivity": 0.69, "specificity": 0.96, "log_loss": 0.22, "n_images": 2,
-            "cldice": 0.72, "betti0_error": 15.5, "betti1_error": 2.5, "cal": 0.6},
+    "test": {
+        "dice": 0.71234,
+        "auc_roc": 0.95,
+        "sensitivity": 0.7,
+        "specificity": 0.97,
+        "log_loss": 0.21,
+        "n_images": 3,
+        "cldice": 0.74,
+        "betti0_error": 12.333333,
+        "betti1_error": 3.0,
+        "cal": 0.61,
+    },
+    "val": {
+        "dice": 0.70001,
+        "auc_roc": 0.94,
+        "sensitivity": 0.69,
+        "specificity": 0.96,
+        "log_loss": 0.22,
+        "n_images": 2,
+        "cldice": 0.72,
+        "betti0_error": 15.5,
+        "betti1_error": 2.5,
+        "cal": 0.6,
+    },
 }
 METRICS_NEW = {
-    "test": {"dice": 0.75678, "auc_roc": 0.962, "sensitivity": 0.74, "specificity": 0.968, "log_loss": 0.18, "n_images": 3,
-             "cldice": 0.781234, "betti0_error": 8.0, "betti1_error": 2.333333, "cal": 0.67},
-    "val": {"dice": 0.73, "auc_roc": 0.951, "sensitivity": 0.72, "specificity": 0.965, "log_loss": 0.19, "n_images": 2,
-            "cldice": 0.75, "betti0_error": 9.5, "betti1_error": 2.0, "cal": 0.65},
+    "test": {
+        "dice": 0.75678,
+        "auc_roc": 0.962,
+        "sensitivity": 0.74,
+        "specificity": 0.968,
+        "log_loss": 0.18,
+        "n_images": 3,
+        "cldice": 0.781234,
+        "betti0_error": 8.0,
+        "betti1_error": 2.333333,
+        "cal": 0.67,
+    },
+    "val": {
+        "dice": 0.73,
+        "auc_roc": 0.951,
+        "sensitivity": 0.72,
+        "specificity": 0.965,
+        "log_loss": 0.19,
+        "n_images": 2,
+        "cldice": 0.75,
+        "betti0_error": 9.5,
+        "betti1_error": 2.0,
+        "cal": 0.65,
+    },
 }
 TRAIN_OLD = {"best_epoch": 3, "best_val_dice": 0.70001, "epochs_run": 4, "train_seconds": 12.5, "n_params": 480000}
 TRAIN_NEW = {"best_epoch": 2, "best_val_dice": 0.73, "epochs_run": 4, "train_seconds": 14.25, "n_params": 480000}
@@ -69,7 +109,10 @@ def curves(power: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
     rec = np.linspace(0, 1, 11)
     pr = pd.concat(
-        [pd.DataFrame({"split": s, "recall": rec, "precision": 1 - rec**(1 / power) * 0.5, "threshold": t}) for s in ("val", "test")]
+        [
+            pd.DataFrame({"split": s, "recall": rec, "precision": 1 - rec ** (1 / power) * 0.5, "threshold": t})
+            for s in ("val", "test")
+        ]
     )
     return roc, pr
 
@@ -83,7 +126,16 @@ def write(repo: Path, rel: str, content: str | bytes) -> None:
         path.write_text(content)
 
 
-def commit_results(repo: Path, params: dict, metrics: dict, train: dict, hist: pd.DataFrame, roc: pd.DataFrame, pr: pd.DataFrame | None, msg: str) -> str:
+def commit_results(
+    repo: Path,
+    params: dict,
+    metrics: dict,
+    train: dict,
+    hist: pd.DataFrame,
+    roc: pd.DataFrame,
+    pr: pd.DataFrame | None,
+    msg: str,
+) -> str:
     import yaml
 
     write(repo, "params.yaml", yaml.safe_dump(params))
@@ -144,7 +196,9 @@ def check_png(path: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_report_tables_and_figures(repo: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    path = build_report(base=repo["first"], rev=None, out_dir=out, repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db")
+    path = build_report(
+        base=repo["first"], rev=None, out_dir=out, repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db"
+    )
     assert path == out / "report.md"
     md = path.read_text()
 
@@ -206,7 +260,13 @@ def test_default_base_is_merge_base_and_rev_compare(repo: dict[str, Any], tmp_pa
     md = build_report(out_dir=tmp_path / "a", repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db").read_text()
     assert f"Base: `{repo['first']}`" in md
     # explicit revisions: comparing the first commit with itself changes nothing
-    md = build_report(base=repo["first"], rev=repo["first"], out_dir=tmp_path / "b", repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db").read_text()
+    md = build_report(
+        base=repo["first"],
+        rev=repo["first"],
+        out_dir=tmp_path / "b",
+        repo=repo["root"],
+        uri=f"sqlite:///{tmp_path}/none.db",
+    ).read_text()
     assert "No params changed." in section(md, "Params changed")
     deltas = [row[3] for row in parse_table(section(md, "Metrics"))[1:]]
     assert deltas and all(float(d) == 0 for d in deltas)
@@ -218,13 +278,17 @@ def test_default_base_is_merge_base_and_rev_compare(repo: dict[str, Any], tmp_pa
 def test_report_on_main_falls_back_to_parent(repo: dict[str, Any], tmp_path: Path) -> None:
     git(repo["root"], "checkout", "-q", "main")
     git(repo["root"], "merge", "-q", "--ff-only", "feature")
-    md = build_report(rev="HEAD", out_dir=tmp_path / "c", repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db").read_text()
+    md = build_report(
+        rev="HEAD", out_dir=tmp_path / "c", repo=repo["root"], uri=f"sqlite:///{tmp_path}/none.db"
+    ).read_text()
     assert f"Base: `{repo['first']}`" in md
     assert "Base defaulted to the parent commit" in md
 
 
 @pytest.mark.slow
-def test_report_shows_mlflow_runs_of_both_commits(repo: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_shows_mlflow_runs_of_both_commits(
+    repo: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vesselseg.tracking import RunLogger
 
     monkeypatch.setenv("VESSELSEG_TRACKING", "1")
@@ -245,7 +309,16 @@ def test_cli_report_prints_markdown(repo: dict[str, Any], tmp_path: Path) -> Non
     out = tmp_path / "pr-report"
     res = CliRunner().invoke(
         report_cmd,
-        ["--base", repo["first"], "--out", str(out), "--repo", str(repo["root"]), "--uri", f"sqlite:///{tmp_path}/x.db"],
+        [
+            "--base",
+            repo["first"],
+            "--out",
+            str(out),
+            "--repo",
+            str(repo["root"]),
+            "--uri",
+            f"sqlite:///{tmp_path}/x.db",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == (out / "report.md").read_text().strip()  # logs go to stderr

@@ -24,8 +24,12 @@ TINY = {"name": "unet", "in_channels": 1, "depth": 2, "base_channels": 4, "dropo
 def tiny_spec(dataset: str = "synthetic-fundus", threshold: float = 0.5, **prepare: object) -> dict:
     from vesselseg.preprocess.spec import preprocessing_spec
 
-    return preprocessing_spec(DataParams(dataset=dataset), PrepareParams(**prepare),
-                              ModelParams(depth=2, base_channels=4, dropout=0.0), threshold)
+    return preprocessing_spec(
+        DataParams(dataset=dataset),
+        PrepareParams(**prepare),
+        ModelParams(depth=2, base_channels=4, dropout=0.0),
+        threshold,
+    )
 
 
 def tiny_model_file(path: Path, spec: dict | None = None, steps: int = 40, extra: dict | None = None) -> Path:
@@ -76,16 +80,25 @@ def _write_formats(folder: Path) -> list[Path]:
     rgb = fundus_rgb(0)
     grey = rgb[..., 1]
     out = []
-    Image.fromarray(rgb).save(folder / "a_rgb.png"); out.append(folder / "a_rgb.png")
-    Image.fromarray(rgb).save(folder / "b.jpg", quality=95); out.append(folder / "b.jpg")
-    tifffile.imwrite(folder / "c16.tif", grey.astype(np.uint16) * 257); out.append(folder / "c16.tif")
-    Image.fromarray(rgb).save(folder / "d.ppm"); out.append(folder / "d.ppm")
-    (folder / "e.ppm.gz").write_bytes(gzip.compress((folder / "d.ppm").read_bytes())); out.append(folder / "e.ppm.gz")
-    Image.fromarray(grey).save(folder / "f.gif"); out.append(folder / "f.gif")
-    Image.fromarray(rgb).save(folder / "g.bmp"); out.append(folder / "g.bmp")
+    Image.fromarray(rgb).save(folder / "a_rgb.png")
+    out.append(folder / "a_rgb.png")
+    Image.fromarray(rgb).save(folder / "b.jpg", quality=95)
+    out.append(folder / "b.jpg")
+    tifffile.imwrite(folder / "c16.tif", grey.astype(np.uint16) * 257)
+    out.append(folder / "c16.tif")
+    Image.fromarray(rgb).save(folder / "d.ppm")
+    out.append(folder / "d.ppm")
+    (folder / "e.ppm.gz").write_bytes(gzip.compress((folder / "d.ppm").read_bytes()))
+    out.append(folder / "e.ppm.gz")
+    Image.fromarray(grey).save(folder / "f.gif")
+    out.append(folder / "f.gif")
+    Image.fromarray(rgb).save(folder / "g.bmp")
+    out.append(folder / "g.bmp")
     rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
-    Image.fromarray(rgba).save(folder / "h_rgba.png"); out.append(folder / "h_rgba.png")
-    Image.fromarray(grey).save(folder / "i_grey.png"); out.append(folder / "i_grey.png")
+    Image.fromarray(rgba).save(folder / "h_rgba.png")
+    out.append(folder / "h_rgba.png")
+    Image.fromarray(grey).save(folder / "i_grey.png")
+    out.append(folder / "i_grey.png")
     return out
 
 
@@ -140,8 +153,23 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_is_processed(model_fi
     Image.fromarray(fundus_rgb(4, size=96)[40:50, 40:50]).save(tiny)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["segment", str(good), str(empty), str(junk), str(trunc), str(jpg), str(black), str(missing), str(tiny),
-              "--model", str(model_file), "--out", str(out)])
+        main(
+            [
+                "segment",
+                str(good),
+                str(empty),
+                str(junk),
+                str(trunc),
+                str(jpg),
+                str(black),
+                str(missing),
+                str(tiny),
+                "--model",
+                str(model_file),
+                "--out",
+                str(out),
+            ]
+        )
     assert exit_info.value.code == 1
     names = sorted(p.name for p in out.iterdir())
     assert names == ["good_mask.png", "good_overlay.png", "good_probs.png", "segment.csv"]  # no temporaries, no halves
@@ -192,8 +220,12 @@ def test_upgrade_model_adds_the_spec_of_the_params_file(tmp_path: Path) -> None:
     from vesselseg.models import load_model
 
     old = tiny_model_file(tmp_path / "old.pt", spec=False, steps=1)
-    params = {"data": {"dataset": "drive"}, "prepare": {"gamma": 1.2},
-              "model": {"depth": 2, "base_channels": 4, "dropout": 0.0}, "predict": {"threshold": 0.4}}
+    params = {
+        "data": {"dataset": "drive"},
+        "prepare": {"gamma": 1.2},
+        "model": {"depth": 2, "base_channels": 4, "dropout": 0.0},
+        "predict": {"threshold": 0.4},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     main(["upgrade-model", str(old), "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "new.pt")])
     _, meta = load_model(tmp_path / "new.pt")
@@ -202,7 +234,9 @@ def test_upgrade_model_adds_the_spec_of_the_params_file(tmp_path: Path) -> None:
     seg.load_predictor(tmp_path / "new.pt")  # usable now
 
 
-def test_model_reference_resolution_order_and_errors(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_reference_resolution_order_and_errors(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert seg.resolve_model(model_file).kind == "torch"
     with pytest.raises(DataError, match=r"nope\.pt: model file not found"):
         seg.resolve_model(tmp_path / "nope.pt")
@@ -222,7 +256,9 @@ def test_model_reference_resolution_order_and_errors(model_file: Path, tmp_path:
     assert seg.resolve_model("fundus").path == Path("fundus")
 
 
-def test_segment_with_a_shipped_name_works_offline(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segment_with_a_shipped_name_works_offline(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(seg, "_pretrained_path", lambda name: model_file)
     Image.fromarray(fundus_rgb(6)).save(tmp_path / "my_photo.jpg")
     main(["segment", str(tmp_path / "my_photo.jpg"), "--model", "fundus", "--out", str(tmp_path / "out")])
@@ -318,7 +354,7 @@ def test_segment_asks_the_family_registry(tmp_path: Path) -> None:
     predictor = seg.load_predictor(tmp_path / "rp.pt", device="cpu", backend="auto")
     image = line_scene(0, size=40)[0]
     probs = predictor(image)
-    assert probs.shape == (40, 40) and probs.dtype == np.float32 and 0.0 <= probs.min() and probs.max() <= 1.0
+    assert probs.shape == (40, 40) and probs.dtype == np.float32 and probs.min() >= 0.0 and probs.max() <= 1.0
     config = {"name": "ipn", "in_channels": 1, "out_channels": 1, "channels": 2, "n_blocks": 1, "depth": 4}
     save_model(tmp_path / "ipn.pt", build_model(config), config, extra={"preprocessing": spec})
     with pytest.raises(DataError, match="cannot segment single images"):

@@ -52,7 +52,9 @@ def test_rectangular_window_and_channel_change(weighting: str) -> None:
     def fan_out(t: torch.Tensor) -> torch.Tensor:  # 1 channel in, 3 out: C_out comes from the predictor
         return torch.cat([t, -t, t * t], dim=1)
 
-    out = sliding_window_inference(x, window=(20, 12), overlap=0.5, predictor=fan_out, weighting=weighting, batch_size=3)
+    out = sliding_window_inference(
+        x, window=(20, 12), overlap=0.5, predictor=fan_out, weighting=weighting, batch_size=3
+    )
     assert out.shape == (1, 3, 41, 30)
     torch.testing.assert_close(out, fan_out(x), atol=1e-6, rtol=0)
 
@@ -66,14 +68,29 @@ def test_window_equal_to_image_is_one_forward_pass(weighting: str) -> None:
         calls.append(tuple(t.shape))
         return t
 
-    out = sliding_window_inference(x, window=(24, 31), overlap=0.5, predictor=predictor, weighting=weighting, batch_size=2)
+    out = sliding_window_inference(
+        x, window=(24, 31), overlap=0.5, predictor=predictor, weighting=weighting, batch_size=2
+    )
     assert calls == [(2, 2, 24, 31), (1, 2, 24, 31)]  # whole images, batched
     assert torch.equal(out, x)
     out.add_(1)  # the result must not alias the input even for an identity predictor
     assert not torch.equal(out, x)
 
 
-@pytest.mark.parametrize("size,window,overlap", [(37, 16, 0.25), (53, 16, 0.5), (53, 16, 0.75), (584, 64, 0.5), (565, 96, 0.5), (400, 128, 0.7), (17, 16, 0.5), (16, 16, 0.9), (100, 1, 0.0)])
+@pytest.mark.parametrize(
+    "size,window,overlap",
+    [
+        (37, 16, 0.25),
+        (53, 16, 0.5),
+        (53, 16, 0.75),
+        (584, 64, 0.5),
+        (565, 96, 0.5),
+        (400, 128, 0.7),
+        (17, 16, 0.5),
+        (16, 16, 0.9),
+        (100, 1, 0.0),
+    ],
+)
 def test_window_starts_cover_every_pixel(size: int, window: int, overlap: float) -> None:
     starts = compute_starts(size, window, overlap)
     assert starts == _ref_starts(size, window, overlap)
@@ -124,14 +141,19 @@ def test_gaussian_weighting_favours_window_centres() -> None:
 def test_batch_size_does_not_change_result() -> None:
     net = torch.nn.Conv2d(1, 2, 3, padding=1).eval()
     x = torch.rand(2, 1, 40, 33, generator=torch.Generator().manual_seed(3))
-    outs = [sliding_window_inference(x, window=16, overlap=0.5, predictor=net, weighting="gaussian", batch_size=b) for b in (1, 7, 1000)]
+    outs = [
+        sliding_window_inference(x, window=16, overlap=0.5, predictor=net, weighting="gaussian", batch_size=b)
+        for b in (1, 7, 1000)
+    ]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(outs[0], outs[2], atol=1e-6, rtol=0)
 
 
 def test_progress_bar_and_low_precision_output() -> None:
     x = torch.rand(1, 1, 30, 30)
-    out = sliding_window_inference(x, window=16, overlap=0.5, predictor=lambda t: t.to(torch.bfloat16), weighting="constant", progress=True)
+    out = sliding_window_inference(
+        x, window=16, overlap=0.5, predictor=lambda t: t.to(torch.bfloat16), weighting="constant", progress=True
+    )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, x, atol=1e-2, rtol=0)
 
@@ -144,7 +166,10 @@ def test_progress_bar_and_low_precision_output() -> None:
         (dict(window=0), r"window must be >= 1, got 0"),
         (dict(window=(16, 16, 16)), r"window must be an int or a pair of ints"),
         (dict(batch_size=0), r"batch_size must be an int >= 1, got 0"),
-        (dict(weighting="gausian"), r"weighting must be one of \['constant', 'gaussian'\], got 'gausian'; did you mean 'gaussian'\?"),
+        (
+            dict(weighting="gausian"),
+            r"weighting must be one of \['constant', 'gaussian'\], got 'gausian'; did you mean 'gaussian'\?",
+        ),
         (dict(sigma_scale=0.0), r"sigma_scale must be > 0, got 0\.0"),
         (dict(window=40), r"predict\.window 40x40 \(h x w\) is larger than the image 32x48"),
         (dict(window=(16, 49)), r"predict\.window 16x49 .* larger than the image 32x48"),
@@ -161,7 +186,9 @@ def test_bad_inputs_and_predictor_output() -> None:
     with pytest.raises(ValueError, match=r"inputs must be an \(N, C, H, W\) tensor, got \(32, 48\)"):
         sliding_window_inference(torch.zeros(32, 48), window=16, overlap=0.5, predictor=lambda t: t)
     with pytest.raises(ValueError, match=r"predictor must return .* got \(4, 1, 8, 8\)"):
-        sliding_window_inference(torch.zeros(1, 1, 32, 48), window=16, overlap=0.5, predictor=lambda t: t[..., :8, :8], batch_size=4)
+        sliding_window_inference(
+            torch.zeros(1, 1, 32, 48), window=16, overlap=0.5, predictor=lambda t: t[..., :8, :8], batch_size=4
+        )
 
 
 # MONAI agreement.  MONAI steps by int(window * (1 - overlap)) and pulls only the last
@@ -175,7 +202,9 @@ def test_bad_inputs_and_predictor_output() -> None:
 def test_matches_monai(weighting: str, size: tuple[int, int], window: int, overlap: float) -> None:
     monai_inferers = pytest.importorskip("monai.inferers", reason="monai is not installed")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1)
+    ).eval()
     x = torch.rand(2, 2, *size)
     ours = sliding_window_inference(x, window=window, overlap=overlap, predictor=net, weighting=weighting, batch_size=6)
     with torch.inference_mode():
@@ -188,6 +217,8 @@ def test_matches_monai(weighting: str, size: tuple[int, int], window: int, overl
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 def test_cuda_device_from_cpu_inputs(weighting: str) -> None:
     x = torch.rand(2, 1, 37, 53)
-    out = sliding_window_inference(x, window=16, overlap=0.5, predictor=lambda t: 2 * t + 1, weighting=weighting, device="cuda")
+    out = sliding_window_inference(
+        x, window=16, overlap=0.5, predictor=lambda t: 2 * t + 1, weighting=weighting, device="cuda"
+    )
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), 2 * x + 1, atol=1e-6, rtol=1e-6)

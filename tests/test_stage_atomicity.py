@@ -54,16 +54,41 @@ STAGES: dict[str, tuple[list[str], list[str]]] = {
     "prepare": (["--raw", "data/raw", "--out", "data/prepared"], ["data/prepared"]),
     "patches": (["--prepared", "data/prepared", "--out", "data/patches"], ["data/patches"]),
     "train": (
-        ["--patches", "data/patches", "--prepared", "data/prepared", "--model", "models/model.pt",
-         "--checkpoint", "models/checkpoint.pt", "--history", "reports/train/history.csv",
-         "--metrics", "reports/train/metrics.json"],
+        [
+            "--patches",
+            "data/patches",
+            "--prepared",
+            "data/prepared",
+            "--model",
+            "models/model.pt",
+            "--checkpoint",
+            "models/checkpoint.pt",
+            "--history",
+            "reports/train/history.csv",
+            "--metrics",
+            "reports/train/metrics.json",
+        ],
         ["models/model.pt", "reports/train/history.csv", "reports/train/metrics.json"],
     ),
-    "predict": (["--model", "models/model.pt", "--prepared", "data/prepared", "--out", "data/predictions"],
-                ["data/predictions"]),
+    "predict": (
+        ["--model", "models/model.pt", "--prepared", "data/prepared", "--out", "data/predictions"],
+        ["data/predictions"],
+    ),
     "evaluate": (
-        ["--prepared", "data/prepared", "--predictions", "data/predictions", "--metrics", "reports/metrics.json",
-         "--per-image", "reports/per_image.csv", "--plots", "reports/plots", "--overlays", "reports/figures/overlays"],
+        [
+            "--prepared",
+            "data/prepared",
+            "--predictions",
+            "data/predictions",
+            "--metrics",
+            "reports/metrics.json",
+            "--per-image",
+            "reports/per_image.csv",
+            "--plots",
+            "reports/plots",
+            "--overlays",
+            "reports/figures/overlays",
+        ],
         ["reports/metrics.json", "reports/per_image.csv", "reports/plots", "reports/figures/overlays"],
     ),
 }
@@ -148,8 +173,14 @@ finally:
         json.dump({"replace": log, "fsync": seen["fsync"]}, fh)
 """
 
-ENV = {"VESSELSEG_TRACKING": "0", "VESSELSEG_THREADS": "1", "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
-       "VESSELSEG_LOG": "WARNING", "DVC_NO_ANALYTICS": "1"}
+ENV = {
+    "VESSELSEG_TRACKING": "0",
+    "VESSELSEG_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "VESSELSEG_LOG": "WARNING",
+    "DVC_NO_ANALYTICS": "1",
+}
 
 
 def _hidden_temp(name: str) -> bool:
@@ -210,7 +241,11 @@ def run_killed(root: Path, stage: str, kill_at: str) -> tuple[int, dict[str, Any
     env = {**os.environ, **ENV, "KILL_AT": kill_at, "KILL_LOG": str(log)}
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, str(ROOT / "stages" / f"{stage}.py"), *STAGES[stage][0]],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     record = json.loads(log.read_text()) if log.exists() else {}
     log.unlink(missing_ok=True)
@@ -290,7 +325,11 @@ MOMENTS = [
 @pytest.mark.parametrize(("stage", "spec"), MOMENTS)
 @pytest.mark.slow
 def test_kill_leaves_old_new_or_nothing_and_next_run_cleans_up(
-    stage: str, spec: str, versions: dict[str, Any], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    stage: str,
+    spec: str,
+    versions: dict[str, Any],
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     b = _version_b(versions, stage, tmp_path_factory)
@@ -308,15 +347,23 @@ def test_kill_leaves_old_new_or_nothing_and_next_run_cleans_up(
         allowed = {None, fingerprint(a_root / rel), b["prints"][rel]}
         if got not in allowed:
             assert rel in TIMED, f"{stage} killed at {kill_at}: {rel} is neither absent, the old nor the new version"
-        visible = [work / rel] if (work / rel).is_file() else [
-            p for p in (work / rel).rglob("*") if p.is_file() and not any(_hidden_temp(s) for s in p.relative_to(work).parts)
-        ]
+        visible = (
+            [work / rel]
+            if (work / rel).is_file()
+            else [
+                p
+                for p in (work / rel).rglob("*")
+                if p.is_file() and not any(_hidden_temp(s) for s in p.relative_to(work).parts)
+            ]
+        )
         for path in visible:
             assert_complete(path)
     # nothing new outside the declared outputs except hidden temporaries
     new = {p.relative_to(work) for p in work.rglob("*")} - {p.relative_to(a_root) for p in a_root.rglob("*")}
     outs = [Path(r) for r in STAGES[stage][1]] + [Path("models/checkpoint.pt")]
-    stray = [p for p in new if not any(_hidden_temp(s) for s in p.parts) and not any(p == o or o in p.parents for o in outs)]
+    stray = [
+        p for p in new if not any(_hidden_temp(s) for s in p.parts) and not any(p == o or o in p.parents for o in outs)
+    ]
     assert not stray, stray
 
     # the next complete run removes the killed run's leftovers and gives version B
@@ -342,8 +389,13 @@ def test_external_sigkill_of_predict_while_its_temporary_folder_exists(
     write_params(work, {"predict.window": 8, "predict.overlap": 0.85, "predict.batch_size": 1})
     old = fingerprint(work / "data/predictions")
     env = {**os.environ, **ENV}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/predict.py"), *STAGES["predict"][0]], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/predict.py"), *STAGES["predict"][0]],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     caught = False
     try:
@@ -391,13 +443,22 @@ def test_sweep_removes_only_leftovers_of_dead_processes(tmp_path: Path) -> None:
     assert sorted(p.name for p in other.iterdir()) == ["x.txt"]
 
 
-IPN: dict[str, Any] = {"model.name": "ipn", "prepare.volumes": True, "prepare.volume_depth": 4, "model.ipn.channels": 2,
-                       "model.ipn.n_blocks": 1, "model.ipn.block": 8, "train.epochs": 1}
+IPN: dict[str, Any] = {
+    "model.name": "ipn",
+    "prepare.volumes": True,
+    "prepare.volume_depth": 4,
+    "model.ipn.channels": 2,
+    "model.ipn.n_blocks": 1,
+    "model.ipn.block": 8,
+    "train.epochs": 1,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["mid:3", "before:last"])
-def test_kill_of_ipn_predict_leaves_old_new_or_nothing(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_of_ipn_predict_leaves_old_new_or_nothing(
+    spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The IPN goes through the same prediction writer: the whole data/predictions is swapped at once."""
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)

@@ -36,8 +36,11 @@ def _module_file(name: str) -> Path | None:
 def _registry_modules() -> set[str]:
     """The family modules (and their networks) the registry names as strings, imported by get_family."""
     tree = ast.parse((SRC / PACKAGE / "registry.py").read_text())
-    return {n.value.split(":")[0] for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith(f"{PACKAGE}.")}
+    return {
+        n.value.split(":")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith(f"{PACKAGE}.")
+    }
 
 
 def _imports(path: Path, only_functions: set[str] | None = None) -> set[str]:
@@ -60,9 +63,9 @@ def _imports(path: Path, only_functions: set[str] | None = None) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}  # `from vesselseg import atomic`
-        elif isinstance(node, ast.Name | ast.Attribute) and (getattr(node, "id", None) or getattr(node, "attr", None)) in (
-            "get_family", "family_of_model_file"
-        ):
+        elif isinstance(node, ast.Name | ast.Attribute) and (
+            getattr(node, "id", None) or getattr(node, "attr", None)
+        ) in ("get_family", "family_of_model_file"):
             found |= _registry_modules()  # the registry imports the named family's module by its string
     return {m for m in found if m.split(".")[0] == PACKAGE and _module_file(m) is not None}
 

@@ -55,8 +55,10 @@ def test_tree_is_deterministic_and_seed_dependent() -> None:
 def test_tree_maps_are_consistent() -> None:
     rng = np.random.default_rng(0)
     t = draw_vessel_tree((128, 128), rng, origins=border_origins((128, 128), 4, rng), width_range=(1.0, 6.0))
-    assert t.intensity.dtype == np.float32 and t.label.dtype == bool and t.intensity.shape == t.label.shape == (128, 128)
-    assert 0.0 <= t.intensity.min() and t.intensity.max() <= 1.0 and t.intensity.max() > 0.9
+    assert (
+        t.intensity.dtype == np.float32 and t.label.dtype == bool and t.intensity.shape == t.label.shape == (128, 128)
+    )
+    assert t.intensity.min() >= 0.0 and t.intensity.max() <= 1.0 and t.intensity.max() > 0.9
     assert np.all(t.intensity[t.label] > 0)  # labelled pixels are drawn
     assert t.intensity[~t.label].mean() < 0.05  # and the rest mostly is not
     assert 0.03 < t.vessel_fraction < 0.3 and t.n_segments > 20
@@ -76,13 +78,17 @@ def test_tree_widths_follow_the_range() -> None:
     assert w.max() <= 8.0 + 2.0  # trunks: at most the top of the range (plus a pixel of rasterization each side)
     assert np.percentile(w, 95) >= 5.0  # thick vessels exist
     assert np.percentile(w, 10) <= 2.5  # and thin ones
-    narrow = draw_vessel_tree((size, size), np.random.default_rng(4), origins=[Origin(c, 0.0, 0.0)], width_range=(1.0, 3.0))
+    narrow = draw_vessel_tree(
+        (size, size), np.random.default_rng(4), origins=[Origin(c, 0.0, 0.0)], width_range=(1.0, 3.0)
+    )
     assert local_widths(narrow.label).max() <= 3.0 + 2.0
 
 
 def test_tree_avoid_zone_and_bad_params() -> None:
     rng = np.random.default_rng(5)
-    t = draw_vessel_tree((128, 128), rng, origins=border_origins((128, 128), 6, rng), width_range=(1.0, 4.0), avoid=(64.0, 64.0, 20.0))
+    t = draw_vessel_tree(
+        (128, 128), rng, origins=border_origins((128, 128), 6, rng), width_range=(1.0, 4.0), avoid=(64.0, 64.0, 20.0)
+    )
     yy, xx = np.mgrid[0:128, 0:128]
     inner = (yy - 64) ** 2 + (xx - 64) ** 2 < 12**2  # well inside the zone (branches stop on entry)
     assert not t.label[inner].any()
@@ -141,7 +147,8 @@ def test_octa_vessels_live_in_the_slab(tmp_path: Path) -> None:
 
 def test_octa_vessel_fraction_over_seeds() -> None:
     fractions = [
-        synthesize_subject(np.random.default_rng(s), n_bscans=96, depth=40, width=96, slab=(10, 26))[1].mean() for s in range(6)
+        synthesize_subject(np.random.default_rng(s), n_bscans=96, depth=40, width=96, slab=(10, 26))[1].mean()
+        for s in range(6)
     ]
     assert all(0.05 <= f <= 0.25 for f in fractions), fractions
 

@@ -110,7 +110,14 @@ def test_identical_masks() -> None:
     rng = np.random.default_rng(0)
     m = ndimage.binary_dilation(rng.random((40, 50)) < 0.02, iterations=2)
     values = image_topology(m, m)
-    assert values == {"cldice": 1.0, "cl_precision": 1.0, "cl_sensitivity": 1.0, "betti0_error": 0, "betti1_error": 0, "cal": 1.0}
+    assert values == {
+        "cldice": 1.0,
+        "cl_precision": 1.0,
+        "cl_sensitivity": 1.0,
+        "betti0_error": 0,
+        "betti1_error": 0,
+        "cal": 1.0,
+    }
     assert tuple(values) == TOPOLOGY_NAMES
 
 
@@ -122,7 +129,14 @@ def test_empty_prediction_and_empty_label() -> None:
     assert values["betti0_error"] == 1 and values["betti1_error"] == 1
     assert values["cal"] == 0.0  # A = 0: nothing of the label is found
     both = image_topology(empty, empty)
-    assert both == {"cldice": 1.0, "cl_precision": 1.0, "cl_sensitivity": 1.0, "betti0_error": 0, "betti1_error": 0, "cal": 1.0}
+    assert both == {
+        "cldice": 1.0,
+        "cl_precision": 1.0,
+        "cl_sensitivity": 1.0,
+        "betti0_error": 0,
+        "betti1_error": 0,
+        "cal": 1.0,
+    }
     spurious = image_topology(lab, empty)  # vessels predicted where the label has none
     assert spurious["cldice"] == 0.0 and spurious["cl_sensitivity"] == 1.0 and spurious["cal"] == 0.0
 

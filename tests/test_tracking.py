@@ -45,7 +45,9 @@ def make_repo(root: Path) -> Path:
     git(root, "config", "user.name", "Test")
     git(root, "config", "user.email", "test@example.com")
     (root / "params.yaml").write_text("train:\n  lr: 0.001\n")
-    (root / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: x\n    metrics:\n    - reports/metrics.json:\n        cache: false\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: x\n    metrics:\n    - reports/metrics.json:\n        cache: false\n"
+    )
     (root / "reports").mkdir()
     (root / "reports" / "metrics.json").write_text('{"test": {"dice": 0.5}}\n')
     git(root, "add", ".")
@@ -271,7 +273,13 @@ def test_runs_table_side_by_side_and_promote(session: dict[str, Any]) -> None:
     other = "f" * 40
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(session["repo"])
-        with RunLogger("evaluate", "unit", {**PARAMS, "data.dataset": "drive", "train.lr": 0.01}, tags={"git_commit": other}, uri=uri) as r:
+        with RunLogger(
+            "evaluate",
+            "unit",
+            {**PARAMS, "data.dataset": "drive", "train.lr": 0.01},
+            tags={"git_commit": other},
+            uri=uri,
+        ) as r:
             r.log_metrics({"test.dice": 0.7})
     df = runs_table(uri=uri)
     assert len(df) == 3
@@ -323,7 +331,9 @@ def test_runs_table_side_by_side_and_promote(session: dict[str, Any]) -> None:
     assert res.output.startswith("promoted: vs-cli version 1 is now @champion")
     res = CliRunner().invoke(promote_cmd, [worse.run_id, "--params", str(params_file), "--uri", uri])
     assert res.exit_code == 0 and res.output.startswith("not promoted")
-    res = CliRunner().invoke(promote_cmd, [worse.run_id, "--params", str(params_file), "--uri", uri, "--lower-is-better"])
+    res = CliRunner().invoke(
+        promote_cmd, [worse.run_id, "--params", str(params_file), "--uri", uri, "--lower-is-better"]
+    )
     assert res.exit_code == 0 and res.output.startswith("promoted: vs-cli version 2")
 
 
@@ -331,7 +341,9 @@ def test_runs_table_side_by_side_and_promote(session: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_server_down_offline_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_server_down_offline_then_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     root = make_repo(tmp_path / "proj")
     monkeypatch.chdir(root)
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -394,7 +406,9 @@ def test_cli_runs_and_sync(session: dict[str, Any], monkeypatch: pytest.MonkeyPa
 
     from vesselseg.cli_tools import runs_cmd, tracking_group
 
-    res = CliRunner().invoke(runs_cmd, ["--uri", session["uri"], "--experiment", "unit", "--csv", "--sort", "test.dice"])
+    res = CliRunner().invoke(
+        runs_cmd, ["--uri", session["uri"], "--experiment", "unit", "--csv", "--sort", "test.dice"]
+    )
     assert res.exit_code == 0, res.output
     table = pd.read_csv(io.StringIO(res.output))
     assert table["metrics.test.dice"].iloc[0] == table["metrics.test.dice"].max()

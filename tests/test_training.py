@@ -26,9 +26,19 @@ MODEL = {"depth": 2, "base_channels": 4, "batch_norm": True, "dropout": 0.1}
 def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
     prepared = make_prepared(tmp / "prepared", fov_all=fov_all)
     patches = tmp / "patches"
-    run_patches(prepared_dir=prepared, out_dir=patches, size=16, per_image=24, val_per_image=8,
-                sampling="foreground", foreground_fraction=0.5, augment_copies=0, rotate_limit=0, scale_limit=0,
-                seed=0)
+    run_patches(
+        prepared_dir=prepared,
+        out_dir=patches,
+        size=16,
+        per_image=24,
+        val_per_image=8,
+        sampling="foreground",
+        foreground_fraction=0.5,
+        augment_copies=0,
+        rotate_limit=0,
+        scale_limit=0,
+        seed=0,
+    )
     return prepared, patches
 
 
@@ -126,10 +136,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
-                                      stderr=subprocess.PIPE))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", DDP_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=200)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -144,9 +164,19 @@ def test_valid_padding_unet_trains_on_cropped_targets(tmp_path: Path) -> None:
     """unet-valid: the output is smaller than the patch; labels are centre-cropped to it."""
     prepared = make_prepared(tmp_path / "prepared")
     patches = tmp_path / "patches"
-    run_patches(prepared_dir=prepared, out_dir=patches, size=44, per_image=8, val_per_image=4,
-                sampling="foreground", foreground_fraction=0.5, augment_copies=0, rotate_limit=0, scale_limit=0,
-                seed=0)
+    run_patches(
+        prepared_dir=prepared,
+        out_dir=patches,
+        size=44,
+        per_image=8,
+        val_per_image=4,
+        sampling="foreground",
+        foreground_fraction=0.5,
+        augment_copies=0,
+        rotate_limit=0,
+        scale_limit=0,
+        seed=0,
+    )
     model = {"depth": 1, "base_channels": 4, "padding": "valid", "upsampling": "transpose"}
     out, metrics = _fit(tmp_path, prepared, patches, "valid", model=model, loss="bce", epochs=2)
     assert (out / "model.pt").is_file() and metrics["epochs_run"] == 2

@@ -56,7 +56,9 @@ def test_none_calls_once_and_returns_the_output_itself() -> None:
 
 
 @pytest.mark.parametrize(("mode", "calls"), [("flips", 4), ("d4", 8)])
-@pytest.mark.parametrize("shape", [(6, 9, None), (9, 6, None), (7, 7, None), (6, 9, 3)], ids=["wide", "tall", "square", "rgb"])
+@pytest.mark.parametrize(
+    "shape", [(6, 9, None), (9, 6, None), (7, 7, None), (6, 9, 3)], ids=["wide", "tall", "square", "rgb"]
+)
 def test_equivariant_predictor_gives_exactly_the_plain_output(mode: str, calls: int, shape) -> None:
     img = image(*shape)
     pred = Counting(pointwise)

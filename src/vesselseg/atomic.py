@@ -96,14 +96,23 @@ def sweep_stale(folder: Path | str) -> list[Path]:
             continue
         removed.append(path)
     if removed:
-        log.info("%s: removed %d leftover(s) of killed runs: %s", folder, len(removed), ", ".join(p.name for p in removed[:5]))
+        log.info(
+            "%s: removed %d leftover(s) of killed runs: %s",
+            folder,
+            len(removed),
+            ", ".join(p.name for p in removed[:5]),
+        )
     return removed
 
 
 def _disk_full(err: OSError, target: Path) -> DiskFullError:
-    where = err.filename if isinstance(err.filename, str) and not Path(err.filename).name.startswith(".tmp-") else target
-    return DiskFullError(f"{where}: no space left on device while writing it ({err.strerror or err}); "
-                         "the previous output was left unchanged")
+    where = (
+        err.filename if isinstance(err.filename, str) and not Path(err.filename).name.startswith(".tmp-") else target
+    )
+    return DiskFullError(
+        f"{where}: no space left on device while writing it ({err.strerror or err}); "
+        "the previous output was left unchanged"
+    )
 
 
 @contextlib.contextmanager

@@ -9,10 +9,10 @@ transform; masks use nearest-neighbour interpolation.
 
 from __future__ import annotations
 
+import albumentations as A
 import cv2
 
 import vesselseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before the import below)
-import albumentations as A  # noqa: E402
 
 
 def _compose(transforms: list[A.BasicTransform], seed: int) -> A.Compose:

@@ -47,8 +47,14 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--params", "params_path", type=PathArg, default=Path("params.yaml"), show_default=True,
-              help="The params file (the one source of truth for every setting).")
+@click.option(
+    "--params",
+    "params_path",
+    type=PathArg,
+    default=Path("params.yaml"),
+    show_default=True,
+    help="The params file (the one source of truth for every setting).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def cli(ctx: click.Context, params_path: Path, debug: bool) -> None:
@@ -126,13 +132,19 @@ def patches(c: Ctx, prepared: Path, out: Path) -> None:
 @click.option("--patches", "patch_dir", type=PathArg, default=Path("data/patches"), show_default=True)
 @click.option("--prepared", type=PathArg, default=Path("data/prepared"), show_default=True)
 @click.option("--model", "model_path", type=PathArg, default=Path("models/model.pt"), show_default=True)
-@click.option("--checkpoint", type=PathArg, default=Path("models/checkpoint.pt"), show_default=True,
-              help="Resume state, written every epoch and removed when training finishes.")
+@click.option(
+    "--checkpoint",
+    type=PathArg,
+    default=Path("models/checkpoint.pt"),
+    show_default=True,
+    help="Resume state, written every epoch and removed when training finishes.",
+)
 @click.option("--history", type=PathArg, default=Path("reports/train/history.csv"), show_default=True)
 @click.option("--metrics", type=PathArg, default=Path("reports/train/metrics.json"), show_default=True)
 @pass_ctx
-def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint: Path, history: Path,
-          metrics: Path) -> None:
+def train(
+    c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint: Path, history: Path, metrics: Path
+) -> None:
     """Train model.name; keep the best epoch by validation score; resume after a kill.
 
     Each model family (src/vesselseg/families/) decides what it trains on: U-Nets on
@@ -146,13 +158,22 @@ def train(c: Ctx, patch_dir: Path, prepared: Path, model_path: Path, checkpoint:
     p = c.params
     with _timed("train"), _tracked("train", p) as run:
         job = TrainJob(
-            params=p, prepared_dir=prepared, patch_dir=patch_dir, model_path=model_path, checkpoint_path=checkpoint,
-            history_path=history, metrics_path=metrics, logger=run,
+            params=p,
+            prepared_dir=prepared,
+            patch_dir=patch_dir,
+            model_path=model_path,
+            checkpoint_path=checkpoint,
+            history_path=history,
+            metrics_path=metrics,
+            logger=run,
             # no run id or time in the model file: equal params must give a byte-identical file.
             # The preprocessing spec lets `vesselseg segment` reproduce prepare on new images
             # from the model file alone; its threshold is the one validation scored with.
-            model_extra={"recipe": p.recipe, "dataset": p.data.dataset,
-                         "preprocessing": preprocessing_spec(p.data, p.prepare, p.model, p.train.val_threshold)},
+            model_extra={
+                "recipe": p.recipe,
+                "dataset": p.data.dataset,
+                "preprocessing": preprocessing_spec(p.data, p.prepare, p.model, p.train.val_threshold),
+            },
         )
         result = get_family(p.model.name).fit(job)
         run.log_metrics({f"final.{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
@@ -174,8 +195,14 @@ def predict(c: Ctx, model_path: Path, prepared: Path, out: Path) -> None:
 
     p = c.params
     with _timed("predict"):
-        run_predict(model_path=model_path, prepared_dir=prepared, out_dir=out, predict=p.predict,
-                    device=p.train.device, amp=p.train.amp)
+        run_predict(
+            model_path=model_path,
+            prepared_dir=prepared,
+            out_dir=out,
+            predict=p.predict,
+            device=p.train.device,
+            amp=p.train.amp,
+        )
 
 
 @cli.command()
@@ -185,11 +212,25 @@ def predict(c: Ctx, model_path: Path, prepared: Path, out: Path) -> None:
 @click.option("--per-image", type=PathArg, default=Path("reports/per_image.csv"), show_default=True)
 @click.option("--plots", type=PathArg, default=Path("reports/plots"), show_default=True)
 @click.option("--overlays", type=PathArg, default=Path("reports/figures/overlays"), show_default=True)
-@click.option("--model", "model_path", type=PathArg, default=Path("models/model.pt"), show_default=True,
-              help="The model the predictions came from: its MLflow run is linked by the file's hash.")
+@click.option(
+    "--model",
+    "model_path",
+    type=PathArg,
+    default=Path("models/model.pt"),
+    show_default=True,
+    help="The model the predictions came from: its MLflow run is linked by the file's hash.",
+)
 @pass_ctx
-def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image: Path, plots: Path,
-             overlays: Path, model_path: Path) -> None:
+def evaluate(
+    c: Ctx,
+    prepared: Path,
+    predictions: Path,
+    metrics: Path,
+    per_image: Path,
+    plots: Path,
+    overlays: Path,
+    model_path: Path,
+) -> None:
     """Per-image and pooled metrics inside the FOV, ROC/PR curves and overlays."""
     from vesselseg.evaluate import run_evaluate
     from vesselseg.params import flatten
@@ -197,9 +238,15 @@ def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image
     p = c.params
     with _timed("evaluate"), _tracked("evaluate", p) as run:
         result = run_evaluate(
-            prepared_dir=prepared, predictions_dir=predictions, metrics_path=metrics, per_image_path=per_image,
-            plots_dir=plots, overlays_dir=overlays, threshold=p.predict.threshold,
-            n_overlays=p.evaluate.n_overlays, curve_points=p.evaluate.curve_points,
+            prepared_dir=prepared,
+            predictions_dir=predictions,
+            metrics_path=metrics,
+            per_image_path=per_image,
+            plots_dir=plots,
+            overlays_dir=overlays,
+            threshold=p.predict.threshold,
+            n_overlays=p.evaluate.n_overlays,
+            curve_points=p.evaluate.curve_points,
         )
         run.log_metrics({k: float(v) for k, v in flatten(result).items() if isinstance(v, (int, float))})
         import pandas as pd
@@ -218,17 +265,36 @@ def evaluate(c: Ctx, prepared: Path, predictions: Path, metrics: Path, per_image
 
 
 @cli.command("crossdataset")
-@click.option("--model", "models", multiple=True, required=True, metavar="NAME=MODEL.pt",
-              help="A trained model file (repeat: one row per model).")
-@click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PREPARED_DIR",
-              help="A prepared dataset, data/prepared of any run (repeat: one column per dataset).")
-@click.option("--split", "split_args", multiple=True, metavar="[NAME=]SPLIT",
-              help="train | val | test (default) | all (every image); NAME=SPLIT for one dataset only.")
-@click.option("--out", type=PathArg, default=Path("reports/crossdataset"), show_default=True,
-              help="Writes OUT.csv and OUT.md.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="NAME=MODEL.pt",
+    help="A trained model file (repeat: one row per model).",
+)
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    required=True,
+    metavar="NAME=PREPARED_DIR",
+    help="A prepared dataset, data/prepared of any run (repeat: one column per dataset).",
+)
+@click.option(
+    "--split",
+    "split_args",
+    multiple=True,
+    metavar="[NAME=]SPLIT",
+    help="train | val | test (default) | all (every image); NAME=SPLIT for one dataset only.",
+)
+@click.option(
+    "--out", type=PathArg, default=Path("reports/crossdataset"), show_default=True, help="Writes OUT.csv and OUT.md."
+)
 @pass_ctx
-def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], split_args: tuple[str, ...],
-                 out: Path) -> None:
+def crossdataset(
+    c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], split_args: tuple[str, ...], out: Path
+) -> None:
     """Score every model on every dataset: F1, AUC and clDice, a dataset x dataset table.
 
     Prediction settings (window, threshold, ...) come from params.yaml's predict section;
@@ -247,12 +313,18 @@ def crossdataset(c: Ctx, models: tuple[str, ...], datasets: tuple[str, ...], spl
             split = arg
     p = c.params
     out.parent.mkdir(parents=True, exist_ok=True)
-    cells = run_crossdataset(models=named_models, datasets=named_datasets, out=out, predict=p.predict, split=split,
-                             splits=per_dataset, device=p.train.device, amp=p.train.amp)
+    cells = run_crossdataset(
+        models=named_models,
+        datasets=named_datasets,
+        out=out,
+        predict=p.predict,
+        split=split,
+        splits=per_dataset,
+        device=p.train.device,
+        amp=p.train.amp,
+    )
     click.echo(out.with_suffix(".md").read_text())
     log.info("%d cells written to %s.{csv,md}", len(cells), out)
-
-
 
 
 @cli.group()

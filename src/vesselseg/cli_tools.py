@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 @click.option("--dataset", default=None, help="Only runs tagged with this dataset.")
 @click.option("--recipe", default=None, help="Only runs tagged with this recipe.")
 @click.option("--commit", default=None, help="Only runs of this git commit (a prefix is enough).")
-@click.option("--sort", "sort_by", default=None, metavar="METRIC", help="Sort by this metric, best first (e.g. test.dice).")
+@click.option(
+    "--sort", "sort_by", default=None, metavar="METRIC", help="Sort by this metric, best first (e.g. test.dice)."
+)
 @click.option("--ascending", is_flag=True, help="Sort lowest first (losses).")
 @click.option("--md", "fmt", flag_value="md", default=True, help="Markdown table (default).")
 @click.option("--csv", "fmt", flag_value="csv", help="CSV table.")
@@ -69,7 +71,9 @@ def tracking_group() -> None:
 
 
 @tracking_group.command("sync")
-@click.option("--uri", default=None, help="Tracking URI to replay to (default: MLFLOW_TRACKING_URI or <repo>/mlflow.db).")
+@click.option(
+    "--uri", default=None, help="Tracking URI to replay to (default: MLFLOW_TRACKING_URI or <repo>/mlflow.db)."
+)
 def sync_cmd(uri: str | None) -> None:
     """Replay runs recorded offline (server down) to the tracking server."""
     from vesselseg.tracking import pending_offline, sync_offline

@@ -78,8 +78,9 @@ def _split_ids(dataset: PreparedDataset, split: str) -> list[str]:
     return dataset.ids(split)
 
 
-def score_predictions(dataset: PreparedDataset, ids: Sequence[str], probs_dir: Path, threshold: float
-                      ) -> dict[str, Any]:
+def score_predictions(
+    dataset: PreparedDataset, ids: Sequence[str], probs_dir: Path, threshold: float
+) -> dict[str, Any]:
     """FOV-pooled F1/AUC and pooled clDice of ``probs_dir/<id>.npy`` against the labels (native where kept)."""
     from vesselseg.metrics import MetricAccumulator, scores_from_confusion
     from vesselseg.preprocess.spec import to_native
@@ -100,8 +101,12 @@ def score_predictions(dataset: PreparedDataset, ids: Sequence[str], probs_dir: P
         acc.update(probs, label, fov)
         topo.update(probs >= threshold, label, fov)
     s = scores_from_confusion(*acc.confusion())
-    return {"f1": float(s["dice"]), "auc": acc.result().get("auc_roc"), "cldice": float(topo.result()["cldice"]),
-            "native": native_any}
+    return {
+        "f1": float(s["dice"]),
+        "auc": acc.result().get("auc_roc"),
+        "cldice": float(topo.result()["cldice"]),
+        "native": native_any,
+    }
 
 
 def run_crossdataset(
@@ -142,8 +147,15 @@ def run_crossdataset(
                 pred_splits = SPLITS if chosen[d_name] == "all" else (chosen[d_name],)
                 pred_dir = Path(tmp) / f"{m_name}--{d_name}"
                 t0 = time.perf_counter()
-                stats = run_predict(model_path=m_path, prepared_dir=ds.root, out_dir=pred_dir, predict=predict,
-                                    device=device, amp=amp, splits=pred_splits)
+                stats = run_predict(
+                    model_path=m_path,
+                    prepared_dir=ds.root,
+                    out_dir=pred_dir,
+                    predict=predict,
+                    device=device,
+                    amp=amp,
+                    splits=pred_splits,
+                )
                 seconds = time.perf_counter() - t0
                 probs_dir = Path(tmp) / f"{m_name}--{d_name}-all"
                 probs_dir.mkdir()
@@ -151,33 +163,64 @@ def run_crossdataset(
                     for f in (pred_dir / s / "probs").glob("*.npy"):
                         f.rename(probs_dir / f.name)
                 score = score_predictions(ds, ids, probs_dir, predict.threshold)
-                cells.append(Cell(m_name, d_name, chosen[d_name], len(ids), score["f1"], score["auc"],
-                                  score["cldice"], seconds / max(stats["n_images"], 1), score["native"]))
-                log.info("%s on %s: F1 %.4f, AUC %s, clDice %.4f (%d images)", m_name, d_name, score["f1"],
-                         f"{score['auc']:.4f}" if score["auc"] is not None else "-", score["cldice"], len(ids))
+                cells.append(
+                    Cell(
+                        m_name,
+                        d_name,
+                        chosen[d_name],
+                        len(ids),
+                        score["f1"],
+                        score["auc"],
+                        score["cldice"],
+                        seconds / max(stats["n_images"], 1),
+                        score["native"],
+                    )
+                )
+                log.info(
+                    "%s on %s: F1 %.4f, AUC %s, clDice %.4f (%d images)",
+                    m_name,
+                    d_name,
+                    score["f1"],
+                    f"{score['auc']:.4f}" if score["auc"] is not None else "-",
+                    score["cldice"],
+                    len(ids),
+                )
     write_tables(cells, out, models=models, datasets=datasets, command=command)
     return cells
 
 
-def write_tables(cells: Sequence[Cell], out: Path, *, models: dict[str, Path], datasets: dict[str, Path],
-                 command: str) -> None:
+def write_tables(
+    cells: Sequence[Cell], out: Path, *, models: dict[str, Path], datasets: dict[str, Path], command: str
+) -> None:
     df = pd.DataFrame([c.__dict__ for c in cells])
     atomic.write_text(Path(out).with_suffix(".csv"), df.to_csv(index=False, float_format="%.4f"))
-    scored = ", ".join(f"{d}: {s} ({n} images)" for d, s, n in
-                       df[["dataset", "split", "n_images"]].drop_duplicates().itertuples(index=False))
-    lines = [f"Cross-dataset results (rows: trained on, columns: scored on; {scored}; FOV-pooled at "
-             "predict.threshold; scored at native resolution where the dataset was resized).", ""]
+    scored = ", ".join(
+        f"{d}: {s} ({n} images)"
+        for d, s, n in df[["dataset", "split", "n_images"]].drop_duplicates().itertuples(index=False)
+    )
+    lines = [
+        f"Cross-dataset results (rows: trained on, columns: scored on; {scored}; FOV-pooled at "
+        "predict.threshold; scored at native resolution where the dataset was resized).",
+        "",
+    ]
     for metric, label in (("f1", "F1 (Dice)"), ("auc", "AUC"), ("cldice", "clDice")):
-        piv = df.pivot(index="model", columns="dataset", values=metric).reindex(index=list(models),
-                                                                                 columns=list(datasets))
-        lines += [f"**{label}**", "", "| trained on \\ scored on | " + " | ".join(piv.columns) + " |",
-                  "|---|" + "---|" * len(piv.columns)]
+        piv = df.pivot(index="model", columns="dataset", values=metric).reindex(
+            index=list(models), columns=list(datasets)
+        )
+        lines += [
+            f"**{label}**",
+            "",
+            "| trained on \\ scored on | " + " | ".join(piv.columns) + " |",
+            "|---|" + "---|" * len(piv.columns),
+        ]
         for m, row in piv.iterrows():
             lines.append(f"| {m} | " + " | ".join("-" if pd.isna(v) else f"{v:.4f}" for v in row) + " |")
         lines.append("")
     lines += ["Each cell reproduces with:", ""]
     for c in cells:
-        cmd = (f"{command} --model {shlex.quote(f'{c.model}={models[c.model]}')} "
-               f"--dataset {shlex.quote(f'{c.dataset}={datasets[c.dataset]}')} --split {c.split}")
+        cmd = (
+            f"{command} --model {shlex.quote(f'{c.model}={models[c.model]}')} "
+            f"--dataset {shlex.quote(f'{c.dataset}={datasets[c.dataset]}')} --split {c.split}"
+        )
         lines.append(f"- {c.model} -> {c.dataset}: `{cmd}`")
     atomic.write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")

@@ -40,9 +40,9 @@ from tqdm import tqdm
 from vesselseg import atomic, figures, imagefiles
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.imagefiles import image_size
+from vesselseg.metrics import DEFAULT_BINS, METRIC_NAMES, Curve, MetricAccumulator
 from vesselseg.prepared import SPLITS, PreparedDataset
 from vesselseg.preprocess.spec import to_native
-from vesselseg.metrics import DEFAULT_BINS, METRIC_NAMES, Curve, MetricAccumulator
 from vesselseg.topology import TOPOLOGY_NAMES, TopologyAccumulator
 
 __all__ = ["FLOAT_FORMAT", "PER_IMAGE_COLUMNS", "run_evaluate"]
@@ -126,9 +126,7 @@ def _pooled(split: str, acc: MetricAccumulator, topo: TopologyAccumulator) -> di
 
 
 def _curve_frame(curves: dict[str, Curve], x: str, y: str) -> pd.DataFrame:
-    frames = [
-        pd.DataFrame({"split": split, x: c.x, y: c.y, "threshold": c.threshold}) for split, c in curves.items()
-    ]
+    frames = [pd.DataFrame({"split": split, x: c.x, y: c.y, "threshold": c.threshold}) for split, c in curves.items()]
     return pd.concat(frames, ignore_index=True)
 
 

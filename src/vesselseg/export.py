@@ -32,7 +32,15 @@ from vesselseg.errors import DataError, ParamsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "SPEC_KEY", "ExportWrapper", "export_model", "onnx_bytes", "read_onnx_spec", "read_torchscript_spec"]
+__all__ = [
+    "FORMATS",
+    "SPEC_KEY",
+    "ExportWrapper",
+    "export_model",
+    "onnx_bytes",
+    "read_onnx_spec",
+    "read_torchscript_spec",
+]
 
 FORMATS = ("onnx", "torchscript")
 SPEC_KEY = "vesselseg.preprocessing"
@@ -71,7 +79,9 @@ def _wrap(model: nn.Module, config: dict[str, Any], where: str) -> tuple[ExportW
     if not isinstance(model, UNet):
         raise DataError(f"{where}: model {config.get('name')!r} cannot be exported yet (U-Net family only)")
     if model.padding != "same":
-        raise DataError(f"{where}: a 'valid'-padding U-Net cannot be exported with dynamic sizes (model.padding same only)")
+        raise DataError(
+            f"{where}: a 'valid'-padding U-Net cannot be exported with dynamic sizes (model.padding same only)"
+        )
     wrapper = ExportWrapper(model, int(config.get("out_channels", 1))).eval()
     side = 4 * wrapper.multiple  # a multiple of 2**depth: the network's own padding branch stays untraced
     example = torch.rand(1, int(config.get("in_channels", 1)), side, side)
@@ -85,33 +95,47 @@ def onnx_bytes(model: nn.Module, config: dict[str, Any], spec: dict[str, Any] | 
     try:
         import onnx
     except ImportError:
-        raise DataError("ONNX export needs the onnx package: pip install onnx (pinned in requirements/constraints.txt)") from None
+        raise DataError(
+            "ONNX export needs the onnx package: pip install onnx (pinned in requirements/constraints.txt)"
+        ) from None
     wrapper, example = _wrap(model, config, where)
     buf = _io.BytesIO()
     axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about the untaken Python branches
         torch.onnx.export(
-            wrapper, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, opset_version=ONNX_OPSET, dynamo=False,
+            wrapper,
+            (example,),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
         )
     proto = onnx.load_from_string(buf.getvalue())
-    meta = {SPEC_KEY: json.dumps(spec, sort_keys=True) if spec is not None else "",
-            "vesselseg.config": json.dumps(config, sort_keys=True)}
+    meta = {
+        SPEC_KEY: json.dumps(spec, sort_keys=True) if spec is not None else "",
+        "vesselseg.config": json.dumps(config, sort_keys=True),
+    }
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return proto.SerializeToString()
 
 
-def torchscript_bytes(model: nn.Module, config: dict[str, Any], spec: dict[str, Any] | None, where: str = "model") -> bytes:
+def torchscript_bytes(
+    model: nn.Module, config: dict[str, Any], spec: dict[str, Any] | None, where: str = "model"
+) -> bytes:
     """A traced TorchScript module (dynamic sizes), with the spec as an extra file."""
     import warnings
 
     wrapper, example = _wrap(model, config, where)
     buf = _io.BytesIO()
-    extra = {SPEC_KEY: json.dumps(spec, sort_keys=True) if spec is not None else "",
-             "vesselseg.config": json.dumps(config, sort_keys=True)}
+    extra = {
+        SPEC_KEY: json.dumps(spec, sort_keys=True) if spec is not None else "",
+        "vesselseg.config": json.dumps(config, sort_keys=True),
+    }
     with warnings.catch_warnings():
         # tracer warnings about the untaken Python branches, and torch 2.13's notice that
         # TorchScript is deprecated in favour of torch.export (which fixes H and W)
@@ -153,7 +177,7 @@ def read_onnx_spec(path: Path) -> dict[str, Any] | None:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf raises several types for a bad file
+    except Exception as err:
         raise DataError(f"{path}: not a readable ONNX file ({type(err).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     text = props.get(SPEC_KEY)
@@ -169,7 +193,7 @@ def read_torchscript_spec(path: Path) -> tuple[torch.jit.ScriptModule, dict[str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13: TorchScript is deprecated
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise DataError(f"{path}: not a readable TorchScript file ({type(err).__name__})") from None
     text = extra[SPEC_KEY]
     text = text.decode() if isinstance(text, bytes) else text

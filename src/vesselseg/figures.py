@@ -7,10 +7,8 @@ bytes on every run, so DVC does not see a changed output when nothing changed.
 
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
-
 
 __all__ = ["COLORS", "overlay"]
 

@@ -94,7 +94,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
             width, height = im.size
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises several types for unreadable files
+    except Exception as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
     return height, width
 
@@ -131,7 +131,9 @@ def read_mask(path: Path | str, shape: tuple[int, int] | None = None, what: str 
     if arr.ndim != 2:
         raise DataError(f"{path}: {what} must be a 2D mask, got shape {arr.shape}")
     if shape is not None and tuple(arr.shape) != tuple(shape):
-        raise DataError(f"{path}: {what} size {arr.shape[1]}x{arr.shape[0]} differs from its image {shape[1]}x{shape[0]}")
+        raise DataError(
+            f"{path}: {what} size {arr.shape[1]}x{arr.shape[0]} differs from its image {shape[1]}x{shape[0]}"
+        )
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise DataError(f"{path}: {what} holds NaN or Inf values")
     values = np.unique(arr)
@@ -188,6 +190,10 @@ def _check_numbering(folder: Path, files: list[Path]) -> None:
     missing = sorted(set(range(first, numbers[-1] + 1)) - set(numbers))
     if missing:
         suffix = files[0].suffix
-        shown = ", ".join(f"{m}{suffix}" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DataError(f"{folder / f'{missing[0]}{suffix}'}: missing B-scan slice ({len(missing)} missing: {shown}); "
-                        f"the volume has {len(files)} slices numbered up to {numbers[-1]}")
+        shown = ", ".join(f"{m}{suffix}" for m in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise DataError(
+            f"{folder / f'{missing[0]}{suffix}'}: missing B-scan slice ({len(missing)} missing: {shown}); "
+            f"the volume has {len(files)} slices numbered up to {numbers[-1]}"
+        )

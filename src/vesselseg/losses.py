@@ -34,7 +34,7 @@ from vesselseg.errors import ParamsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOSSES", "LossFn", "bce_loss", "build_loss", "ce_loss", "soft_dice_loss", "soft_iou_loss", "bce_dice_loss"]
+__all__ = ["LOSSES", "LossFn", "bce_dice_loss", "bce_loss", "build_loss", "ce_loss", "soft_dice_loss", "soft_iou_loss"]
 
 LossName = Literal["bce", "dice", "bce+dice", "soft_iou", "ce"]
 LossFn = Callable[..., torch.Tensor]
@@ -45,17 +45,23 @@ def _binary_inputs(
     logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if logits.ndim == 4 and logits.shape[1] != 1:
-        raise ValueError(f"loss {name!r} expects 1 output channel, got logits {tuple(logits.shape)}; use 'ce' for 2 channels")
+        raise ValueError(
+            f"loss {name!r} expects 1 output channel, got logits {tuple(logits.shape)}; use 'ce' for 2 channels"
+        )
     if target.ndim == logits.ndim - 1:
         target = target.unsqueeze(1)
     if target.shape != logits.shape:
-        raise ValueError(f"loss {name!r}: target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+        raise ValueError(
+            f"loss {name!r}: target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+        )
     target = target.to(logits.dtype)
     if mask is not None:
         if mask.ndim == logits.ndim - 1:
             mask = mask.unsqueeze(1)
         if mask.shape != logits.shape:
-            raise ValueError(f"loss {name!r}: mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}")
+            raise ValueError(
+                f"loss {name!r}: mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}"
+            )
         mask = mask.to(logits.dtype)
     return logits, target, mask
 
@@ -121,7 +127,9 @@ def bce_dice_loss(
 def ce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy for a 2-class (softmax) head; target holds class indices."""
     if logits.ndim != 4 or logits.shape[1] < 2:
-        raise ValueError(f"loss 'ce' expects logits (N, C>=2, H, W), got {tuple(logits.shape)}; use 'bce' for 1 channel")
+        raise ValueError(
+            f"loss 'ce' expects logits (N, C>=2, H, W), got {tuple(logits.shape)}; use 'bce' for 1 channel"
+        )
     if target.ndim == 4 and target.shape[1] == 1:
         target = target[:, 0]
     if target.shape != logits.shape[:1] + logits.shape[2:]:

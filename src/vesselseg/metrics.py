@@ -186,7 +186,7 @@ class ProbHistogram:
             probs = probs.astype(np.float32)
         return (probs * self.n_bins).astype(np.int64)
 
-    def merge(self, other: "ProbHistogram") -> None:
+    def merge(self, other: ProbHistogram) -> None:
         if other.n_bins != self.n_bins:
             raise ValueError(f"cannot merge histograms with {self.n_bins} and {other.n_bins} bins")
         self.pos += other.pos
@@ -281,9 +281,7 @@ def _log_loss_sum(p: np.ndarray, t: np.ndarray, eps: float) -> float:
     return float(-(np.log(p[t]).sum() + np.log1p(-p[~t]).sum()))
 
 
-def log_loss(
-    probs: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-7
-) -> float:
+def log_loss(probs: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy (natural log) inside ``mask``; 0.0 for no pixels."""
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")

@@ -104,7 +104,9 @@ def example_image(spec: dict[str, Any], size: int = 64) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (0.45 * size) ** 2).astype(np.uint8)
     grey = (disc * (120 + (xx * 3 + yy * 5) % 100)).astype(np.uint8)
-    if spec.get("source") == "projection" or spec.get("channel") == "grey" and spec.get("fov", {}).get("rule") == "full":
+    if spec.get("source") == "projection" or (
+        spec.get("channel") == "grey" and spec.get("fov", {}).get("rule") == "full"
+    ):
         return grey
     return np.stack([np.minimum(grey.astype(np.int32) + 60, 255) * disc, grey, grey // 3], axis=-1).astype(np.uint8)
 
@@ -124,13 +126,23 @@ def save_vesselseg_model(model_path: Path | str, dest: Path | str, input_example
     # every axis variable: any image size; the channel axis as the example has it.
     # Unnamed tensors, so predict() receives the plain array (a named one arrives as a dict)
     in_shape = (-1, -1) if example.ndim == 2 else (-1, -1, int(example.shape[2]))
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), in_shape)]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
-    reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-            "vesselseg"]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), in_shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+    )
+    reqs = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        "vesselseg",
+    ]
     mlflow.pyfunc.save_model(
-        str(dest), python_model=VesselsegPyfunc(), artifacts={ARTIFACT_KEY: str(model_path)},
-        signature=signature, input_example=example, pip_requirements=reqs,
+        str(dest),
+        python_model=VesselsegPyfunc(),
+        artifacts={ARTIFACT_KEY: str(model_path)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=reqs,
         metadata={"vesselseg_preprocessing": spec, MODEL_SHA_TAG: file_sha256(model_path)},
     )
     return Path(dest)
@@ -169,8 +181,12 @@ def find_model_run(client: Any, sha256: str, exclude: str | None = None) -> Any 
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return None
-    runs = client.search_runs(experiments, filter_string=f"tags.`{MODEL_SHA_TAG}` = '{sha256}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"tags.`{MODEL_SHA_TAG}` = '{sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     for run in runs:
         if run.info.run_id != exclude and run.data.tags.get("stage", "train") == "train":
             return run
@@ -196,8 +212,12 @@ def model_link_tags(model_path: Path | str, uri: str | None = None) -> dict[str,
 
         uri = uri or default_tracking_uri()
         run = find_model_run(MlflowClient(tracking_uri=uri), sha)
-    except Exception as err:  # noqa: BLE001 - a store that does not answer must not stop evaluate
-        log.warning("could not look up the train run of %s (%s)", model_path, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+    except Exception as err:
+        log.warning(
+            "could not look up the train run of %s (%s)",
+            model_path,
+            str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
+        )
         run = None
     if run is not None:
         tags[MODEL_RUN_TAG] = run.info.run_id

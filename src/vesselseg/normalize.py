@@ -33,4 +33,3 @@ def batch_to_input(patches: np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"expected (N, H, W) or (N, H, W, C) patches, got shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
-

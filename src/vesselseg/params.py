@@ -46,7 +46,7 @@ class SyntheticParams(_Section):
     slab: tuple[int, int] = (60, 100)
 
     @model_validator(mode="after")
-    def _slab_inside(self) -> "SyntheticParams":
+    def _slab_inside(self) -> SyntheticParams:
         lo, hi = self.slab
         if not 0 <= lo < hi <= self.depth:
             raise ValueError(f"slab {list(self.slab)} must satisfy 0 <= start < stop <= depth={self.depth}")
@@ -82,7 +82,7 @@ class DataParams(_Section):
     folder: FolderParams = FolderParams()
 
     @model_validator(mode="after")
-    def _fractions(self) -> "DataParams":
+    def _fractions(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave images to train on (sum < 1)")
         return self
@@ -109,11 +109,13 @@ class PrepareParams(_Section):
         return v
 
     @model_validator(mode="after")
-    def _one_resolution_rule(self) -> "PrepareParams":
+    def _one_resolution_rule(self) -> PrepareParams:
         # two ways to set the resolution would fight: the FOV rule already picks the scale
         if self.fov_diameter is not None and self.scale != 1.0:
-            raise ValueError("prepare.fov_diameter and prepare.scale are exclusive: set prepare.scale to 1.0 "
-                             "or prepare.fov_diameter to null")
+            raise ValueError(
+                "prepare.fov_diameter and prepare.scale are exclusive: set prepare.scale to 1.0 "
+                "or prepare.fov_diameter to null"
+            )
         return self
 
 
@@ -229,7 +231,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
-    def _cross_section_rules(self) -> "Params":
+    def _cross_section_rules(self) -> Params:
         """The rules that tie ``model`` to ``train`` and ``prepare``: refused here, before any work.
 
         Each message names both keys.  The facts per family (allowed losses, two
@@ -239,8 +241,10 @@ class Params(_Section):
         m, t, prep = self.model, self.train, self.prepare
         fam = FAMILIES[m.name]
         if fam.losses is not None and t.loss not in fam.losses:
-            raise ValueError(f"train.loss: {t.loss!r} is not supported by model.name {m.name!r} "
-                             f"(use {' or '.join(map(repr, fam.losses))})")
+            raise ValueError(
+                f"train.loss: {t.loss!r} is not supported by model.name {m.name!r} "
+                f"(use {' or '.join(map(repr, fam.losses))})"
+            )
         if m.out_channels == 2 and not fam.two_class:
             raise ValueError(f"model.out_channels: 2 is not supported by model.name {m.name!r} (set 1)")
         if fam.neural and (t.loss == "ce") != (m.out_channels == 2):
@@ -250,16 +254,20 @@ class Params(_Section):
         if fam.one_channel and m.in_channels != 1:
             raise ValueError(f"model.in_channels: model.name {m.name!r} reads one-channel inputs (set 1)")
         if fam.one_channel and prep.channel == "rgb":
-            raise ValueError(f"prepare.channel: 'rgb' gives 3-channel images but model.name {m.name!r} reads "
-                             "one channel (use green or grey)")
+            raise ValueError(
+                f"prepare.channel: 'rgb' gives 3-channel images but model.name {m.name!r} reads "
+                "one channel (use green or grey)"
+            )
         if fam.needs_volumes and not prep.volumes:
             raise ValueError(f"prepare.volumes: model.name {m.name!r} trains on prepared volumes (set true)")
         if fam.neural and not fam.one_channel and (prep.channel == "rgb") != (m.in_channels == 3):
             if prep.channel == "rgb":
-                raise ValueError(f"model.in_channels: prepare.channel 'rgb' gives 3 channels (got {m.in_channels}; "
-                                 "set 3)")
-            raise ValueError(f"model.in_channels: {m.in_channels} needs prepare.channel: rgb "
-                             f"({prep.channel!r} gives 1 channel)")
+                raise ValueError(
+                    f"model.in_channels: prepare.channel 'rgb' gives 3 channels (got {m.in_channels}; set 3)"
+                )
+            raise ValueError(
+                f"model.in_channels: {m.in_channels} needs prepare.channel: rgb ({prep.channel!r} gives 1 channel)"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -105,7 +105,9 @@ def extract_patches(
     """
     split_code = {"train": 0, "val": 1, "test": 2}[split]
     imgs, labs, fovs, rows = [], [], [], []
-    augment = offline_augmenter(rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed) if augment_copies else None
+    augment = (
+        offline_augmenter(rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed) if augment_copies else None
+    )
     counts = [per_image] * len(items)
     if image_weighting == "foreground" and items:
         share = np.array([it.label[it.fov].mean() if it.fov.any() else it.label.mean() for it in items]) + 1e-6
@@ -116,8 +118,13 @@ def extract_patches(
             raise DataError(f"{item.id}: image {w}x{h} is smaller than patches.size={size}")
         rng = np.random.default_rng([seed, split_code, idx])
         corners = sample_corners(
-            item.label, item.fov, n=counts[idx], size=size, sampling=sampling,
-            foreground_fraction=foreground_fraction, rng=rng,
+            item.label,
+            item.fov,
+            n=counts[idx],
+            size=size,
+            sampling=sampling,
+            foreground_fraction=foreground_fraction,
+            rng=rng,
         )
         im = crop(item.image, corners, size)
         lb = crop(item.label, corners, size).astype(np.uint8)
@@ -154,7 +161,9 @@ def _check_sizes(ds: PreparedDataset, size: int) -> None:
                 raise DataError(f"{path}: file not found; run the prepare stage again")
             h, w = image_size(path)
             if size > h or size > w:
-                raise DataError(f"{path}: image {w}x{h} is smaller than patches.size={size}; lower patches.size to at most {min(h, w)}")
+                raise DataError(
+                    f"{path}: image {w}x{h} is smaller than patches.size={size}; lower patches.size to at most {min(h, w)}"
+                )
 
 
 def run_patches(
@@ -177,22 +186,32 @@ def run_patches(
     _check_sizes(ds, size)
     stats: dict[str, float] = {}
     with atomic.atomic_dir(out_dir) as tmp:
-        for split, count, copies, weighting in (("train", per_image, augment_copies, image_weighting),
-                                                ("val", val_per_image, 0, "uniform")):
+        for split, count, copies, weighting in (
+            ("train", per_image, augment_copies, image_weighting),
+            ("val", val_per_image, 0, "uniform"),
+        ):
             ids = ds.ids(split)
             if not ids:
                 raise DataError(f"{prepared_dir}/split.json: split '{split}' is empty")
             items = [ds.load(i) for i in ids]
             ps = extract_patches(
-                items, split=split, size=size, per_image=count, sampling=sampling,
-                foreground_fraction=foreground_fraction, augment_copies=copies,
-                rotate_limit=rotate_limit, scale_limit=scale_limit, seed=seed, image_weighting=weighting,
+                items,
+                split=split,
+                size=size,
+                per_image=count,
+                sampling=sampling,
+                foreground_fraction=foreground_fraction,
+                augment_copies=copies,
+                rotate_limit=rotate_limit,
+                scale_limit=scale_limit,
+                seed=seed,
+                image_weighting=weighting,
             )
             atomic.write_npy(tmp / f"{split}_images.npy", ps.images)
             atomic.write_npy(tmp / f"{split}_labels.npy", ps.labels)
             atomic.write_npy(tmp / f"{split}_fov.npy", ps.fov)
             ps.manifest.to_csv(tmp / f"{split}_manifest.csv", index=False)
-            stats[f"{split}_patches"] = int(len(ps.images))
+            stats[f"{split}_patches"] = len(ps.images)
             stats[f"{split}_foreground"] = round(float(ps.labels.mean()), 6)
             image_fg = float(np.mean([it.label[it.fov].mean() if it.fov.any() else it.label.mean() for it in items]))
             stats[f"{split}_image_foreground"] = round(image_fg, 6)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from vesselseg import atomic, imagefiles
 from vesselseg.data.sample import RawSample
 from vesselseg.errors import DataError
-from vesselseg.prepared import SPLITS, write_item
 from vesselseg.params import DataParams, PrepareParams
+from vesselseg.prepared import SPLITS, write_item
 from vesselseg.preprocess.spec import image_spec, preprocess_image, resize_image, resize_mask
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ def run_prepare(*, raw_dir: Path, out_dir: Path, data: DataParams, prepare: Prep
 
                 # (depth, width, n_bscans): depth first so windows over the en-face
                 # plane see it as channels, the layout IPN prediction slides over
-                volume = load_volume(imagefiles.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab)
+                volume = load_volume(
+                    imagefiles.list_slices(sample.volume), depth=prepare.volume_depth, slab=prepare.slab
+                )
                 atomic.write_npy(tmp / "volumes" / f"{sample.id}.npy", volume)
         atomic.write_json(tmp / "split.json", {"dataset": data.dataset, **splits})
         if native:

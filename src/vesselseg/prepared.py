@@ -56,13 +56,19 @@ class PreparedDataset:
         return list(self.meta[split])
 
     def paths(self, id_: str) -> tuple[Path, Path, Path]:
-        return (self.root / "images" / f"{id_}.png", self.root / "labels" / f"{id_}.png", self.root / "fov" / f"{id_}.png")
+        return (
+            self.root / "images" / f"{id_}.png",
+            self.root / "labels" / f"{id_}.png",
+            self.root / "fov" / f"{id_}.png",
+        )
 
     def load(self, id_: str) -> Item:
         img_p, lab_p, fov_p = self.paths(id_)
         image = imagefiles.read_image(img_p)
         shape = image.shape[:2]
-        return Item(id_, image, imagefiles.read_mask(lab_p, shape, "label"), imagefiles.read_mask(fov_p, shape, "FOV mask"))
+        return Item(
+            id_, image, imagefiles.read_mask(lab_p, shape, "label"), imagefiles.read_mask(fov_p, shape, "FOV mask")
+        )
 
     def items(self, split: str) -> list[Item]:
         return [self.load(i) for i in self.ids(split)]

@@ -45,17 +45,42 @@ class FamilyInfo:
 FAMILIES: dict[str, FamilyInfo] = {
     f.name: f
     for f in (
-        FamilyInfo("unet", "vesselseg.families.unet", "configurable U-Net on patches, whole-image prediction",
-                   neural=True, network="vesselseg.models.unet:UNet", two_class=True),
-        FamilyInfo("ipn", "vesselseg.families.ipn", "Image Projection Network: OCTA volumes to en-face maps",
-                   neural=True, network="vesselseg.models.ipn:IPN", two_class=True, one_channel=True,
-                   needs_volumes=True),
-        FamilyInfo("resnet_patch", "vesselseg.families.resnet_patch", "ResNet34 classifier of each patch's centre pixel",
-                   neural=True, network="vesselseg.models.resnet_patch:ResNetPatch", losses=("bce",)),
-        FamilyInfo("knn", "vesselseg.families.knn", "k-NN on 3x3 neighbourhoods (scikit-learn)",
-                   neural=False, one_channel=True),
-        FamilyInfo("vesselness", "vesselseg.families.vesselness", "multi-scale Frangi filter, threshold on validation",
-                   neural=False, one_channel=True),
+        FamilyInfo(
+            "unet",
+            "vesselseg.families.unet",
+            "configurable U-Net on patches, whole-image prediction",
+            neural=True,
+            network="vesselseg.models.unet:UNet",
+            two_class=True,
+        ),
+        FamilyInfo(
+            "ipn",
+            "vesselseg.families.ipn",
+            "Image Projection Network: OCTA volumes to en-face maps",
+            neural=True,
+            network="vesselseg.models.ipn:IPN",
+            two_class=True,
+            one_channel=True,
+            needs_volumes=True,
+        ),
+        FamilyInfo(
+            "resnet_patch",
+            "vesselseg.families.resnet_patch",
+            "ResNet34 classifier of each patch's centre pixel",
+            neural=True,
+            network="vesselseg.models.resnet_patch:ResNetPatch",
+            losses=("bce",),
+        ),
+        FamilyInfo(
+            "knn", "vesselseg.families.knn", "k-NN on 3x3 neighbourhoods (scikit-learn)", neural=False, one_channel=True
+        ),
+        FamilyInfo(
+            "vesselness",
+            "vesselseg.families.vesselness",
+            "multi-scale Frangi filter, threshold on validation",
+            neural=False,
+            one_channel=True,
+        ),
     )
 }
 

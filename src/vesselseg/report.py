@@ -404,7 +404,10 @@ def build_report(
         "",
         "## Figures",
         "",
-        *([f"### {title}\n\n![{title}]({name})\n" for title, name in figures] or ["No figures: no data at either revision.", ""]),
+        *(
+            [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
+            or ["No figures: no data at either revision.", ""]
+        ),
         "## Missing files",
         "",
         *(missing or ["None."]),

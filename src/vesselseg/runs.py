@@ -260,7 +260,9 @@ def _model_source(client: Any, run: Any, uri: str) -> tuple[str, str]:
             return f"runs:/{cand.info.run_id}/{MODEL_DIR}", cand.info.run_id
         if client.list_artifacts(cand.info.run_id, MODEL_FILE_DIR):
             return f"{cand.info.artifact_uri}/{MODEL_FILE_DIR}", cand.info.run_id
-    raise TrackingError(f"run {run.info.run_id}: no model logged by it or by a train run of commit {tags.get('git_commit', '?')[:8]}")
+    raise TrackingError(
+        f"run {run.info.run_id}: no model logged by it or by a train run of commit {tags.get('git_commit', '?')[:8]}"
+    )
 
 
 def _holder_metric(client: Any, version: Any, metric: str) -> float | None:
@@ -332,4 +334,8 @@ def promote(
     )
     client.set_registered_model_alias(name, alias, version.version)
     before = f" (was version {holder.version})" if holder is not None else ""
-    return Promotion(True, f"promoted: {name} version {version.version} is now @{alias}{before}, {metric}={value:.4f}", str(version.version))
+    return Promotion(
+        True,
+        f"promoted: {name} version {version.version} is now @{alias}{before}, {metric}={value:.4f}",
+        str(version.version),
+    )

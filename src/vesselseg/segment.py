@@ -140,13 +140,16 @@ def resolve_model(ref: str | Path) -> ModelRef:
     if text in PRETRAINED:
         shipped = _pretrained_path(text)
         if not shipped.is_file():
-            raise DataError(f"--model {text}: the pretrained {text!r} model is not shipped with this install "
-                            f"(expected {shipped})")
+            raise DataError(
+                f"--model {text}: the pretrained {text!r} model is not shipped with this install (expected {shipped})"
+            )
         return ModelRef("torch", shipped, text)
     if path.suffix or "/" in text:
         raise DataError(f"{text}: model file not found")
-    raise DataError(f"--model {text!r}: not a file, not an MLflow URI (models:/NAME@ALIAS, runs:/ID/PATH) and not a "
-                    f"shipped model ({', '.join(PRETRAINED)})")
+    raise DataError(
+        f"--model {text!r}: not a file, not an MLflow URI (models:/NAME@ALIAS, runs:/ID/PATH) and not a "
+        f"shipped model ({', '.join(PRETRAINED)})"
+    )
 
 
 def missing_spec_error(path: Path | str) -> DataError:
@@ -192,8 +195,15 @@ def _stitched(run: Callable[[Any], Any], spec: dict[str, Any], device: Any) -> C
         h, w = image.shape[:2]
         window = (h, w) if win["size"] is None else fit_window(win["size"], h, w)
         x = torch.from_numpy(image_to_input(image))[None]
-        probs = sliding_window_inference(x, window=window, overlap=win["overlap"], predictor=run,
-                                         weighting=win["weighting"], batch_size=win["batch_size"], device=device)
+        probs = sliding_window_inference(
+            x,
+            window=window,
+            overlap=win["overlap"],
+            predictor=run,
+            weighting=win["weighting"],
+            batch_size=win["batch_size"],
+            device=device,
+        )
         out = probs[0, 0].cpu().numpy()
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
@@ -204,7 +214,9 @@ def _onnx_session(data: bytes | str) -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise DataError("--backend onnx needs onnxruntime: pip install onnxruntime (pinned in requirements/constraints.txt)") from None
+        raise DataError(
+            "--backend onnx needs onnxruntime: pip install onnxruntime (pinned in requirements/constraints.txt)"
+        ) from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
@@ -272,7 +284,9 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
 
         spec = read_onnx_spec(ref.path)
         if spec is None:
-            raise DataError(f"{where}: ONNX file has no vesselseg.preprocessing metadata; export it with `vesselseg export`")
+            raise DataError(
+                f"{where}: ONNX file has no vesselseg.preprocessing metadata; export it with `vesselseg export`"
+            )
         session = _onnx_session(str(ref.path))
         return Predictor(_stitched(_onnx_run(session), spec, torch.device("cpu")), spec, "onnx", ref.label)
     if ref.kind == "torchscript":
@@ -280,7 +294,9 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
 
         module, spec = read_torchscript_spec(ref.path)
         if spec is None:
-            raise DataError(f"{where}: TorchScript file has no vesselseg.preprocessing extra file; export it with `vesselseg export`")
+            raise DataError(
+                f"{where}: TorchScript file has no vesselseg.preprocessing extra file; export it with `vesselseg export`"
+            )
         dev = resolve_device(device)
         module = module.to(dev).eval()
 
@@ -317,11 +333,14 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
         return Predictor(_stitched(_onnx_run(session), spec, torch.device("cpu")), spec, "onnx", ref.label)
     win = _window(spec)
     # TTA is applied by run_segment around this predictor (with_tta), not by the family
-    settings = PredictParams(window=win["size"], overlap=win["overlap"], weighting=win["weighting"],
-                             batch_size=win["batch_size"], tta="none")
+    settings = PredictParams(
+        window=win["size"], overlap=win["overlap"], weighting=win["weighting"], batch_size=win["batch_size"], tta="none"
+    )
     loaded = family.load_predictor(ref.path, predict=settings, device=device, amp=False)
     if loaded.unit != "img":
-        raise DataError(f"{where}: a {family.name!r} model predicts from {loaded.unit}s and cannot segment single images")
+        raise DataError(
+            f"{where}: a {family.name!r} model predicts from {loaded.unit}s and cannot segment single images"
+        )
     return Predictor(loaded.predict_image, spec, "torch", ref.label)
 
 
@@ -349,8 +368,9 @@ class SegmentResult:
     density: float  # vessel fraction inside the FOV
 
 
-def segment_image(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], spec: dict[str, Any],
-                  fov: np.ndarray | None = None) -> SegmentResult:
+def segment_image(
+    image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], spec: dict[str, Any], fov: np.ndarray | None = None
+) -> SegmentResult:
     """Preprocess as the model was trained, predict, map back to the native size, threshold."""
     from vesselseg.preprocess.spec import preprocess_image, to_native
 
@@ -429,7 +449,7 @@ def read_input_image(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.load()
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+        except Exception as err:
             what = "truncated image" if "truncat" in str(err).lower() else "not a readable image"
             raise DataError(f"{path}: {what} ({type(err).__name__})") from None
     return imagefiles.read_image(path)
@@ -462,7 +482,9 @@ def _encode_png(arr: np.ndarray, path: Path) -> bytes:
     return buf.tobytes()
 
 
-def _encode_outputs(stem: str, out_dir: Path, image: np.ndarray, result: SegmentResult, probs_format: str) -> dict[Path, bytes]:
+def _encode_outputs(
+    stem: str, out_dir: Path, image: np.ndarray, result: SegmentResult, probs_format: str
+) -> dict[Path, bytes]:
     files: dict[Path, bytes] = {}
     if probs_format == "png16":
         p = out_dir / f"{stem}_probs.png"
@@ -536,7 +558,11 @@ def run_segment(
         try:
             t0 = time.perf_counter()
             image = read_input_image(path)
-            fov = imagefiles.read_mask(_find_fov(fov_dir, path), image.shape[:2], "FOV mask") if fov_dir is not None else None
+            fov = (
+                imagefiles.read_mask(_find_fov(fov_dir, path), image.shape[:2], "FOV mask")
+                if fov_dir is not None
+                else None
+            )
             try:
                 result = segment_image(image, predict, predictor.spec, fov=fov)
             except DataError as err:
@@ -548,12 +574,21 @@ def run_segment(
             log.error("%s", message)
             failed[str(path)] = message
             continue
-        rows.append({"file": str(path), "height": image.shape[0], "width": image.shape[1],
-                     "vessel_density": round(result.density, 6), "seconds": round(seconds, 4)})
+        rows.append(
+            {
+                "file": str(path),
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "vessel_density": round(result.density, 6),
+                "seconds": round(seconds, 4),
+            }
+        )
     bar.close()
     csv_path = out_dir / "segment.csv"
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["file", "height", "width", "vessel_density", "seconds"], lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=["file", "height", "width", "vessel_density", "seconds"], lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(csv_path, buf.getvalue())
@@ -574,11 +609,14 @@ def upgrade_model(old: Path | str, params_path: Path | str, out: Path | str, thr
     p = load_params(params_path)
     config = dict(meta["config"])
     if config.get("in_channels") != p.model.in_channels or config.get("name") != p.model.name:
-        raise ParamsError(f"{params_path}: model.name/in_channels ({p.model.name}, {p.model.in_channels}) differ from "
-                          f"{old}'s ({config.get('name')}, {config.get('in_channels')}); pass the params used to train it")
+        raise ParamsError(
+            f"{params_path}: model.name/in_channels ({p.model.name}, {p.model.in_channels}) differ from "
+            f"{old}'s ({config.get('name')}, {config.get('in_channels')}); pass the params used to train it"
+        )
     extra = dict(meta.get("extra") or {})
-    extra["preprocessing"] = preprocessing_spec(p.data, p.prepare, p.model, p.predict.threshold if threshold is None else threshold,
-                                                predict=p.predict)
+    extra["preprocessing"] = preprocessing_spec(
+        p.data, p.prepare, p.model, p.predict.threshold if threshold is None else threshold, predict=p.predict
+    )
     save_model(out, model, config, extra=extra)
     return Path(out)
 
@@ -590,22 +628,58 @@ _PathArg = click.Path(path_type=Path)
 
 @click.command("segment")
 @click.argument("images", nargs=-1, required=True, type=_PathArg)
-@click.option("--model", "model_ref", required=True,
-              help="A model file, an exported .onnx, an MLflow URI (models:/NAME@ALIAS, runs:/...) or fundus/octa.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="A model file, an exported .onnx, an MLflow URI (models:/NAME@ALIAS, runs:/...) or fundus/octa.",
+)
 @click.option("--out", "out_dir", required=True, type=_PathArg, help="Output folder.")
-@click.option("--fov", "fov_dir", type=_PathArg, default=None,
-              help="Folder of FOV masks (STEM.*, STEM_mask.*); default: derived by the model's FOV rule.")
-@click.option("--probs", "probs_format", type=click.Choice(PROB_FORMATS), default="png16", show_default=True,
-              help="Probability maps as 16-bit PNG or float32 TIFF.")
+@click.option(
+    "--fov",
+    "fov_dir",
+    type=_PathArg,
+    default=None,
+    help="Folder of FOV masks (STEM.*, STEM_mask.*); default: derived by the model's FOV rule.",
+)
+@click.option(
+    "--probs",
+    "probs_format",
+    type=click.Choice(PROB_FORMATS),
+    default="png16",
+    show_default=True,
+    help="Probability maps as 16-bit PNG or float32 TIFF.",
+)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
-              help="Test-time augmentation: mean over flips or the 8 rotations/flips.")
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: mean over flips or the 8 rotations/flips.",
+)
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
-def segment(images: tuple[Path, ...], model_ref: str, out_dir: Path, fov_dir: Path | None, probs_format: str,
-            backend: str, tta: str, device: str) -> None:
+def segment(
+    images: tuple[Path, ...],
+    model_ref: str,
+    out_dir: Path,
+    fov_dir: Path | None,
+    probs_format: str,
+    backend: str,
+    tta: str,
+    device: str,
+) -> None:
     """Segment IMAGES (files or folders) with a trained model; no labels or params.yaml needed."""
-    result = run_segment(images, model=model_ref, out_dir=out_dir, fov_dir=fov_dir, probs_format=probs_format,
-                         backend=backend, tta=tta, device=device)
+    result = run_segment(
+        images,
+        model=model_ref,
+        out_dir=out_dir,
+        fov_dir=fov_dir,
+        probs_format=probs_format,
+        backend=backend,
+        tta=tta,
+        device=device,
+    )
     click.echo(f"segmented {len(result['ok'])} image(s) into {out_dir} (table: {result['csv']})")
     if result["failed"]:
         # each failure was logged on its own line as it happened; the summary is the
@@ -627,7 +701,9 @@ def export(model_ref: str, fmt: str, out: Path) -> None:
 
 @click.command("upgrade-model")
 @click.argument("old", type=_PathArg)
-@click.option("--params", "params_path", type=_PathArg, required=True, help="The params.yaml the model was trained with.")
+@click.option(
+    "--params", "params_path", type=_PathArg, required=True, help="The params.yaml the model was trained with."
+)
 @click.option("--out", type=_PathArg, required=True)
 @click.option("--threshold", type=float, default=None, help="Probability threshold (default: predict.threshold).")
 def upgrade_model_cmd(old: Path, params_path: Path, out: Path, threshold: float | None) -> None:

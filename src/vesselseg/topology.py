@@ -98,9 +98,7 @@ def _restrict(arr: np.ndarray, name: str, mask: np.ndarray | None, shape: tuple[
     return arr & mask
 
 
-def _inputs(
-    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     target = _restrict(target, "target", None, None)
     if mask is not None:
         mask = _restrict(mask, "mask", None, target.shape)

@@ -138,7 +138,9 @@ class Octa500Adapter:
             if projection == VOLUME:
                 out.append(
                     Subject(
-                        str(i), label=lab, volume=VolumeSource(tuple(imagefiles.list_slices(src)), tmp / "volumes" / str(i))
+                        str(i),
+                        label=lab,
+                        volume=VolumeSource(tuple(imagefiles.list_slices(src)), tmp / "volumes" / str(i)),
                     )
                 )
             else:

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.registry import FamilyInfo, info
 from vesselseg.prepared import PreparedDataset
+from vesselseg.registry import FamilyInfo, info
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Family", "NetworkFamily", "Predictor", "TrainJob", "TrainingData", "check_image_channels",
-           "pooled_scores"]
+__all__ = ["Family", "NetworkFamily", "Predictor", "TrainJob", "TrainingData", "check_image_channels", "pooled_scores"]
 
 
 @dataclass(frozen=True)
@@ -201,22 +200,54 @@ class NetworkFamily(Family):
         self.init_weights(net, p.model)
         n_params = count_parameters(net)
         trainer = self.trainer_class(
-            model=net, model_config=config, loss_fn=self.loss(p.train), params=p.train, seed=p.seed, device=device,
-            world=world, steps_per_epoch=len(data.batches),
+            model=net,
+            model_config=config,
+            loss_fn=self.loss(p.train),
+            params=p.train,
+            seed=p.seed,
+            device=device,
+            world=world,
+            steps_per_epoch=len(data.batches),
         )
-        fp = ckpt.fingerprint({"model": config, "train": p.train.model_dump(exclude={"threads", "device"}),
-                               "seed": p.seed, "world": world.size, **data.fingerprint})
+        fp = ckpt.fingerprint(
+            {
+                "model": config,
+                "train": p.train.model_dump(exclude={"threads", "device"}),
+                "seed": p.seed,
+                "world": world.size,
+                **data.fingerprint,
+            }
+        )
         state = ckpt.load_checkpoint(job.checkpoint_path, fp)
         if state is not None:
             trainer.restore(state)
             log.info("resuming from %s at epoch %d", job.checkpoint_path, trainer.start_epoch)
-        log.info("training %s (%d params) on %s, %d threads, %d processes: %s, %d steps per epoch",
-                 self.name, n_params, device, threads, world.size, data.description, len(data.batches))
+        log.info(
+            "training %s (%d params) on %s, %d threads, %d processes: %s, %d steps per epoch",
+            self.name,
+            n_params,
+            device,
+            threads,
+            world.size,
+            data.description,
+            len(data.batches),
+        )
         return run_epochs(
-            trainer, data.batches, lambda epoch: self.validate(trainer, data, epoch), params=p.train, fingerprint=fp,
-            t0=t0, model_config=config, n_params=n_params, model_path=job.model_path,
-            checkpoint_path=job.checkpoint_path, history_path=job.history_path, metrics_path=job.metrics_path,
-            logger=job.logger, model_extra={**job.model_extra, **data.model_extra}, extra_metrics=data.extra_metrics,
+            trainer,
+            data.batches,
+            lambda epoch: self.validate(trainer, data, epoch),
+            params=p.train,
+            fingerprint=fp,
+            t0=t0,
+            model_config=config,
+            n_params=n_params,
+            model_path=job.model_path,
+            checkpoint_path=job.checkpoint_path,
+            history_path=job.history_path,
+            metrics_path=job.metrics_path,
+            logger=job.logger,
+            model_extra={**job.model_extra, **data.model_extra},
+            extra_metrics=data.extra_metrics,
         )
 
 
@@ -228,5 +259,6 @@ def require_val_split(dataset: PreparedDataset) -> None:
 def require_channels(what: str, got: int, model: ModelParams) -> None:
     """The training data's channels against ``model.in_channels`` (data-dependent: not a schema rule)."""
     if got != model.in_channels:
-        raise ParamsError(f"model.in_channels={model.in_channels} but the {what} have {got} channel(s)"
-                          " (prepare.channel rgb gives 3)")
+        raise ParamsError(
+            f"model.in_channels={model.in_channels} but the {what} have {got} channel(s) (prepare.channel rgb gives 3)"
+        )

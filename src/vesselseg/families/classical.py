@@ -86,8 +86,10 @@ class ClassicalPredictor(Predictor):
 
         item = dataset.load(id_)
         if item.image.ndim != 2:
-            raise DataError(f"{dataset.paths(id_)[0]}: the classical baselines need grey images, got "
-                            f"{item.image.shape} (set prepare.channel to green or grey)")
+            raise DataError(
+                f"{dataset.paths(id_)[0]}: the classical baselines need grey images, got "
+                f"{item.image.shape} (set prepare.channel to green or grey)"
+            )
 
         def one(image_and_fov: np.ndarray) -> np.ndarray:
             # image and FOV travel together through TTA's flips as two channels
@@ -108,7 +110,9 @@ class ClassicalFamily(Family):
         """Fit on the training (and, for choices, validation) items; never look at test."""
 
     @abstractmethod
-    def probability_function(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Callable[[Item], np.ndarray]:
+    def probability_function(
+        self, config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> Callable[[Item], np.ndarray]:
         """The stored model as ``item -> float32 (H, W) probabilities``."""
 
     def fit(self, job: TrainJob) -> dict[str, Any]:
@@ -127,15 +131,32 @@ class ClassicalFamily(Family):
             acc.update(probs, label, fov)
         val_loss = acc.loss_sum / max(acc.n_pixels, 1)
         seconds = time.monotonic() - t0
-        row = {"epoch": 1, "train_loss": 0.0, "val_loss": val_loss, "val_dice": scores["dice"],
-               "val_iou": scores["iou"], "lr": 0.0, "seconds": round(seconds, 2)}
-        obj = {"format": MODEL_FORMAT, "config": fitted.config, "state_dict": fitted.state,
-               "extra": {**job.model_extra, "val_dice": round(scores["dice"], 6), **fitted.info},
-               "torch_version": torch.__version__.split("+")[0]}
+        row = {
+            "epoch": 1,
+            "train_loss": 0.0,
+            "val_loss": val_loss,
+            "val_dice": scores["dice"],
+            "val_iou": scores["iou"],
+            "lr": 0.0,
+            "seconds": round(seconds, 2),
+        }
+        obj = {
+            "format": MODEL_FORMAT,
+            "config": fitted.config,
+            "state_dict": fitted.state,
+            "extra": {**job.model_extra, "val_dice": round(scores["dice"], 6), **fitted.info},
+            "torch_version": torch.__version__.split("+")[0],
+        }
         atomic.write_torch(job.model_path, obj)
         write_history(job.history_path, [row])
-        metrics = {"best_epoch": 1, "epochs_run": 1, "best_val_dice": round(scores["dice"], 6),
-                   "best_val_iou": round(scores["iou"], 6), "train_seconds": round(seconds, 1), **fitted.info}
+        metrics = {
+            "best_epoch": 1,
+            "epochs_run": 1,
+            "best_val_dice": round(scores["dice"], 6),
+            "best_val_iou": round(scores["iou"], 6),
+            "train_seconds": round(seconds, 1),
+            **fitted.info,
+        }
         atomic.write_json(job.metrics_path, metrics)
         log.info("%s fitted in %.1f s: validation Dice %.4f (%s)", self.name, seconds, scores["dice"], fitted.info)
         return metrics

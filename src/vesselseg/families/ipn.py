@@ -37,6 +37,7 @@ as :class:`~vesselseg.training.batches.PatchBatches` does for patches; dropout a
 BN see the per-epoch torch seed of ``Trainer.train_epoch``.  A run resumed from the
 checkpoint of epoch ``e - 1`` therefore continues exactly as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,20 +54,31 @@ import torch
 from vesselseg.device import amp_dtype
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.families.base import NetworkFamily, Predictor, TrainingData, TrainJob, pooled_scores, require_val_split
-from vesselseg.params import ModelParams, PredictParams
 from vesselseg.inference.predict import foreground_probability
 from vesselseg.inference.sliding_window import fit_window, sliding_window_inference
 from vesselseg.inference.tta import predict_with_tta
+from vesselseg.params import ModelParams, PredictParams
 from vesselseg.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAMILY", "IpnFamily", "VolumeBlocks", "VolumeItem", "depth_as_channels", "load_prepared_volume",
-           "load_volume_items", "predict_volume", "volume_path", "volume_to_input"]
+__all__ = [
+    "FAMILY",
+    "IpnFamily",
+    "VolumeBlocks",
+    "VolumeItem",
+    "depth_as_channels",
+    "load_prepared_volume",
+    "load_volume_items",
+    "predict_volume",
+    "volume_path",
+    "volume_to_input",
+]
 
 VOLUMES_DIR = "volumes"
 # logit clamp for the validation loss computed from stitched probabilities
 _PROB_EPS = 1e-6
+
 
 def volume_path(prepared_dir: Path | str, id_: str) -> Path:
     """Where the prepare stage keeps a subject's volume (``prepare.volumes: true``)."""
@@ -114,7 +126,9 @@ def depth_as_channels(net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
     return predict
 
 
-def _probability_predictor(model: torch.nn.Module, device: torch.device, amp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _probability_predictor(
+    model: torch.nn.Module, device: torch.device, amp: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Windows in, float32 foreground probabilities (B, 1, h, w) out (probabilities are blended)."""
     dtype = amp_dtype(device, amp)
 
@@ -153,8 +167,13 @@ def predict_volume(
     model.eval()
     try:
         probs = sliding_window_inference(
-            x, window=fit_window(window, x.shape[2], x.shape[3]), overlap=overlap, predictor=_probability_predictor(model, dev, amp),
-            weighting=weighting, batch_size=batch_size, device=dev,
+            x,
+            window=fit_window(window, x.shape[2], x.shape[3]),
+            overlap=overlap,
+            predictor=_probability_predictor(model, dev, amp),
+            weighting=weighting,
+            batch_size=batch_size,
+            device=dev,
         )
     finally:
         model.train(was_training)
@@ -305,8 +324,15 @@ class VolumePredictor(Predictor):
 
     unit = "vol"
 
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any], predict: PredictParams, device: torch.device,
-                 amp: bool, model_path: Path) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: dict[str, Any],
+        predict: PredictParams,
+        device: torch.device,
+        amp: bool,
+        model_path: Path,
+    ) -> None:
         from vesselseg.device import amp_dtype
 
         super().__init__(device=str(device), amp_dtype=str(amp_dtype(device, amp)).replace("torch.", ""))
@@ -328,8 +354,16 @@ class VolumePredictor(Predictor):
             vol = np.ascontiguousarray(np.moveaxis(enface_first, -1, 0))
             # predict.window null (whole images for 2D nets) is the whole en-face plane here too
             window = p.window if p.window is not None else tuple(vol.shape[1:])
-            return predict_volume(self.model, vol, window=window, overlap=p.overlap, weighting=p.weighting,
-                                  batch_size=p.batch_size, device=self.torch_device, amp=self.amp)
+            return predict_volume(
+                self.model,
+                vol,
+                window=window,
+                overlap=p.overlap,
+                weighting=p.weighting,
+                batch_size=p.batch_size,
+                device=self.torch_device,
+                amp=self.amp,
+            )
 
         # TTA flips and rotates the en-face plane: hand the volume over as (H, W, depth)
         return predict_with_tta(one, np.moveaxis(volume, 0, -1), p.tta)
@@ -346,8 +380,13 @@ class IpnFamily(NetworkFamily):
     def network_config(self, model: ModelParams) -> dict[str, Any]:
         # the input depth is the prepared volumes' (prepare.volume_depth): load_data adds
         # it from the data rather than keeping a second setting
-        return {"name": self.name, "in_channels": model.in_channels, "out_channels": model.out_channels,
-                "channels": model.ipn.channels, "n_blocks": model.ipn.n_blocks}
+        return {
+            "name": self.name,
+            "in_channels": model.in_channels,
+            "out_channels": model.out_channels,
+            "channels": model.ipn.channels,
+            "n_blocks": model.ipn.n_blocks,
+        }
 
     def load_data(self, job: TrainJob, *, rank: int, world: int, pin_memory: bool) -> TrainingData:
         p = job.params
@@ -362,25 +401,40 @@ class IpnFamily(NetworkFamily):
         va_items = load_volume_items(dataset, "val")
         depths = {it.volume.shape[0] for it in tr_items + va_items}
         if len(depths) != 1:
-            raise DataError(f"{job.prepared_dir}/{VOLUMES_DIR}: volumes have different depths {sorted(depths)}; "
-                            "prepare again")
+            raise DataError(
+                f"{job.prepared_dir}/{VOLUMES_DIR}: volumes have different depths {sorted(depths)}; prepare again"
+            )
         depth = depths.pop()
         if p.train.val_window:
             small = min(tr_items + va_items, key=lambda it: min(it.label.shape))
             if p.train.val_window > min(small.label.shape):
-                raise ParamsError(f"train.val_window={p.train.val_window} is larger than volume {small.id!r} "
-                                  f"({small.label.shape[0]}x{small.label.shape[1]} en-face)")
+                raise ParamsError(
+                    f"train.val_window={p.train.val_window} is larger than volume {small.id!r} "
+                    f"({small.label.shape[0]}x{small.label.shape[1]} en-face)"
+                )
         # train.channels_last is a no-op here: a 3D net has no channels_last (to_channels_last).
         batches = VolumeBlocks(
-            tr_items, block=p.model.ipn.block, batch_size=p.train.batch_size, flip=p.train.flip,
-            rotate90=p.train.rotate90, seed=p.seed, blocks_per_volume=self.blocks_per_volume, rank=rank, world=world,
+            tr_items,
+            block=p.model.ipn.block,
+            batch_size=p.train.batch_size,
+            flip=p.train.flip,
+            rotate90=p.train.rotate90,
+            seed=p.seed,
+            blocks_per_volume=self.blocks_per_volume,
+            rank=rank,
+            world=world,
         )
         return TrainingData(
             batches=batches,
-            fingerprint={"train_ids": [it.id for it in tr_items], "val_ids": [it.id for it in va_items],
-                         "blocks_per_volume": self.blocks_per_volume},
-            description=(f"depth {depth}, {len(tr_items)} train / {len(va_items)} val volumes, "
-                         f"{batches.n_blocks} blocks of {p.model.ipn.block} px per epoch"),
+            fingerprint={
+                "train_ids": [it.id for it in tr_items],
+                "val_ids": [it.id for it in va_items],
+                "blocks_per_volume": self.blocks_per_volume,
+            },
+            description=(
+                f"depth {depth}, {len(tr_items)} train / {len(va_items)} val volumes, "
+                f"{batches.n_blocks} blocks of {p.model.ipn.block} px per epoch"
+            ),
             state={"val_items": va_items},
             config={"depth": depth},
         )
@@ -400,8 +454,13 @@ class IpnFamily(NetworkFamily):
             for it in data.state["val_items"]:
                 h, w = it.label.shape
                 probs = predict_volume(
-                    trainer.raw_model, np.asarray(it.volume), window=t.val_window or (h, w), overlap=t.val_overlap,
-                    weighting=t.val_weighting, batch_size=t.batch_size, device=trainer.device,
+                    trainer.raw_model,
+                    np.asarray(it.volume),
+                    window=t.val_window or (h, w),
+                    overlap=t.val_overlap,
+                    weighting=t.val_weighting,
+                    batch_size=t.batch_size,
+                    device=trainer.device,
                     amp=trainer.amp is not None,
                 )
                 z = torch.logit(torch.from_numpy(probs).clamp(_PROB_EPS, 1 - _PROB_EPS))[None, None]

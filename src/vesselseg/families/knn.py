@@ -79,7 +79,9 @@ def sample_training_pixels(
     if max_pixels is not None and max_pixels < 2:
         raise ParamsError(f"max_pixels must be >= 2 or None, got {max_pixels!r}")
     if len(images) != len(labels) or (fovs is not None and len(fovs) != len(images)):
-        raise DataError(f"got {len(images)} images, {len(labels)} labels and {len(fovs) if fovs is not None else '-'} FOV masks")
+        raise DataError(
+            f"got {len(images)} images, {len(labels)} labels and {len(fovs) if fovs is not None else '-'} FOV masks"
+        )
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
@@ -183,22 +185,32 @@ class KnnFamily(ClassicalFamily):
         p = params.model.knn
         train = grey_items(dataset, "train")
         X, y = sample_training_pixels(
-            [it.image for it in train], [it.label for it in train], [it.fov for it in train],
-            background_keep=p.background_keep, near_vessel_px=p.near_vessel_px, max_pixels=p.max_pixels,
+            [it.image for it in train],
+            [it.label for it in train],
+            [it.fov for it in train],
+            background_keep=p.background_keep,
+            near_vessel_px=p.near_vessel_px,
+            max_pixels=p.max_pixels,
             rng=np.random.default_rng(params.seed),
         )
         clf, best_k = fit_knn(X, y, k_grid=p.k_grid, cv=p.cv, seed=params.seed)
         clf.set_params(n_jobs=query_jobs())
         val = grey_items(dataset, "val")
-        probs = [predict_proba_image(clf, it.image, it.fov) for it in tqdm(val, desc="k-NN val", unit="img", disable=None)]
+        probs = [
+            predict_proba_image(clf, it.image, it.fov) for it in tqdm(val, desc="k-NN val", unit="img", disable=None)
+        ]
         # store the training pixels so predict refits the same classifier
-        state = {"X": torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
-                 "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.uint8)),
-                 "k": torch.tensor(best_k, dtype=torch.int64)}
-        info = {"best_k": best_k, "n_train_pixels": int(len(y)), "train_vessel_fraction": round(float(y.mean()), 6)}
+        state = {
+            "X": torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
+            "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.uint8)),
+            "k": torch.tensor(best_k, dtype=torch.int64),
+        }
+        info = {"best_k": best_k, "n_train_pixels": len(y), "train_vessel_fraction": round(float(y.mean()), 6)}
         return Fitted({"name": self.name, "k": best_k}, state, info, probs, val)
 
-    def probability_function(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Callable[[Item], np.ndarray]:
+    def probability_function(
+        self, config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> Callable[[Item], np.ndarray]:
         clf = KNeighborsClassifier(n_neighbors=int(state["k"]), n_jobs=query_jobs())
         clf.fit(state["X"].numpy(), state["y"].numpy())
 

@@ -20,6 +20,7 @@ on a CPU, so :func:`predict_probability_map` classifies a grid of centres every
 ``predict.window`` is null; the last row and column are always on the grid) and interpolates the probabilities bilinearly to full resolution.
 The image is reflect-padded so border centres get a full patch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -127,8 +128,14 @@ def predict_probability_map(
 class CentrePredictor(Predictor):
     """Classifies a grid of centres and interpolates (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], predict: PredictParams, device: torch.device,
-                 patch_size: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        meta: dict[str, Any],
+        predict: PredictParams,
+        device: torch.device,
+        patch_size: int,
+    ) -> None:
         from vesselseg.device import to_channels_last
 
         super().__init__(device=str(device))
@@ -148,9 +155,15 @@ class CentrePredictor(Predictor):
 
     def predict_image(self, image: np.ndarray) -> np.ndarray:
         def one(im: np.ndarray) -> np.ndarray:
-            return predict_probability_map(self.model, im, patch_size=self.patch_size, stride=self.stride,
-                                           batch_size=self.predict.batch_size, device=self.torch_device,
-                                           channels_last=self.channels_last)
+            return predict_probability_map(
+                self.model,
+                im,
+                patch_size=self.patch_size,
+                stride=self.stride,
+                batch_size=self.predict.batch_size,
+                device=self.torch_device,
+                channels_last=self.channels_last,
+            )
 
         return predict_with_tta(one, image, self.predict.tta)
 
@@ -182,18 +195,36 @@ class ResNetPatchFamily(NetworkFamily):
         base.require_channels("patches", 1 if tr_images.ndim == 3 else int(tr_images.shape[-1]), p.model)
         PreparedDataset(job.prepared_dir)  # fails early, naming split.json, when prepare has not run
         batches = CentreBatches(
-            PatchBatches(tr_images, tr_labels, tr_fov, batch_size=p.train.batch_size, flip=p.train.flip,
-                         rotate90=p.train.rotate90, seed=p.seed, rank=rank, world=world, pin_memory=pin_memory),
+            PatchBatches(
+                tr_images,
+                tr_labels,
+                tr_fov,
+                batch_size=p.train.batch_size,
+                flip=p.train.flip,
+                rotate90=p.train.rotate90,
+                seed=p.seed,
+                rank=rank,
+                world=world,
+                pin_memory=pin_memory,
+            ),
             size,
         )
         c = size // 2
         return TrainingData(
             batches=batches,
-            fingerprint={"weights": p.model.resnet_patch.weights, "size": size, "n_train": len(tr_images),
-                         "n_val": len(va_images), "kind": "patch_classifier"},
+            fingerprint={
+                "weights": p.model.resnet_patch.weights,
+                "size": size,
+                "n_train": len(tr_images),
+                "n_val": len(va_images),
+                "kind": "patch_classifier",
+            },
             description=f"{size}x{size} patches, {len(tr_images)} train / {len(va_images)} val",
-            state={"images": va_images, "y": np.asarray(va_labels[:, c, c], dtype=np.float32),
-                   "m": np.asarray(va_fov[:, c, c], dtype=np.float32)},
+            state={
+                "images": va_images,
+                "y": np.asarray(va_labels[:, c, c], dtype=np.float32),
+                "m": np.asarray(va_fov[:, c, c], dtype=np.float32),
+            },
             model_extra={"patch_size": size, "target": "centre_pixel"},
             extra_metrics={"patch_size": size},
         )
@@ -232,8 +263,14 @@ class ResNetPatchFamily(NetworkFamily):
         patch_size = int((meta.get("extra") or {}).get("patch_size", 0))
         if patch_size < 1:
             raise DataError(f"{model_path}: the model file does not record its training patch_size")
-        log.info("patch classifier: %dx%d patches, centres every %d px (predict.window %s), on %s",
-                 patch_size, patch_size, grid_stride(predict.window, patch_size), predict.window, dev)
+        log.info(
+            "patch classifier: %dx%d patches, centres every %d px (predict.window %s), on %s",
+            patch_size,
+            patch_size,
+            grid_stride(predict.window, patch_size),
+            predict.window,
+            dev,
+        )
         return CentrePredictor(model.to(dev), meta, predict, dev, patch_size)
 
 

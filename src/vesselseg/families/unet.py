@@ -60,8 +60,9 @@ def val_loss(trainer: Any, images: np.ndarray, labels: np.ndarray, fov: np.ndarr
 class WindowPredictor(Predictor):
     """A 2D network over whole images by sliding windows (the U-Net's, and any dense 2D net's)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], predict: PredictParams, device: torch.device,
-                 amp: bool) -> None:
+    def __init__(
+        self, model: torch.nn.Module, meta: dict[str, Any], predict: PredictParams, device: torch.device, amp: bool
+    ) -> None:
         from vesselseg.device import amp_dtype, to_channels_last
 
         dtype = amp_dtype(device, amp)
@@ -84,9 +85,17 @@ class WindowPredictor(Predictor):
         p = self.predict
 
         def one(im: np.ndarray) -> np.ndarray:
-            return predict_image(self.model, im, window=p.window, overlap=p.overlap, weighting=p.weighting,
-                                 batch_size=p.batch_size, device=self.torch_device, amp=self.amp,
-                                 channels_last=self.channels_last)
+            return predict_image(
+                self.model,
+                im,
+                window=p.window,
+                overlap=p.overlap,
+                weighting=p.weighting,
+                batch_size=p.batch_size,
+                device=self.torch_device,
+                amp=self.amp,
+                channels_last=self.channels_last,
+            )
 
         return predict_with_tta(one, image, p.tta)
 
@@ -95,7 +104,16 @@ class UNetFamily(NetworkFamily):
     name = "unet"
 
     def network_config(self, model: ModelParams) -> dict[str, Any]:
-        keys = ("depth", "base_channels", "batch_norm", "dropout", "upsampling", "padding", "input_norm", "out_channels")
+        keys = (
+            "depth",
+            "base_channels",
+            "batch_norm",
+            "dropout",
+            "upsampling",
+            "padding",
+            "input_norm",
+            "out_channels",
+        )
         return {"name": self.name, "in_channels": model.in_channels, **{k: getattr(model, k) for k in keys}}
 
     def load_data(self, job: TrainJob, *, rank: int, world: int, pin_memory: bool) -> TrainingData:
@@ -108,8 +126,18 @@ class UNetFamily(NetworkFamily):
         require_channels("prepared images", 1 if tr_images.ndim == 3 else int(tr_images.shape[-1]), p.model)
         dataset = PreparedDataset(job.prepared_dir)
         require_val_split(dataset)
-        batches = PatchBatches(tr_images, tr_labels, tr_fov, batch_size=p.train.batch_size, flip=p.train.flip,
-                               rotate90=p.train.rotate90, seed=p.seed, rank=rank, world=world, pin_memory=pin_memory)
+        batches = PatchBatches(
+            tr_images,
+            tr_labels,
+            tr_fov,
+            batch_size=p.train.batch_size,
+            flip=p.train.flip,
+            rotate90=p.train.rotate90,
+            seed=p.seed,
+            rank=rank,
+            world=world,
+            pin_memory=pin_memory,
+        )
         return TrainingData(
             batches=batches,
             fingerprint={"n_train": len(tr_images), "n_val": len(va[0])},
@@ -128,9 +156,15 @@ class UNetFamily(NetworkFamily):
         def maps() -> Any:
             for item in data.state["dataset"].items("val"):
                 probs = predict_image(
-                    trainer.raw_model, item.image, window=t.val_window, overlap=t.val_overlap,
-                    weighting=t.val_weighting, batch_size=t.batch_size, device=trainer.device,
-                    amp=trainer.amp is not None, channels_last=trainer.channels_last,
+                    trainer.raw_model,
+                    item.image,
+                    window=t.val_window,
+                    overlap=t.val_overlap,
+                    weighting=t.val_weighting,
+                    batch_size=t.batch_size,
+                    device=trainer.device,
+                    amp=trainer.amp is not None,
+                    channels_last=trainer.channels_last,
                 )
                 yield probs, item.label, item.fov
 

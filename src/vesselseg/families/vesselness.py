@@ -99,7 +99,9 @@ def choose_threshold(
     if n_thresholds < 2:
         raise ParamsError(f"n_thresholds must be >= 2, got {n_thresholds}")
     if len(probs) != len(labels) or (fovs is not None and len(fovs) != len(probs)):
-        raise DataError(f"got {len(probs)} probability maps, {len(labels)} labels and {len(fovs) if fovs is not None else '-'} FOV masks")
+        raise DataError(
+            f"got {len(probs)} probability maps, {len(labels)} labels and {len(fovs) if fovs is not None else '-'} FOV masks"
+        )
     if not probs:
         raise DataError("choose_threshold: no images given")
     pos: list[np.ndarray] = []
@@ -124,7 +126,12 @@ def choose_threshold(
     denom = 2 * tp + fp + fn
     dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
     best = int(np.argmax(dice))
-    log.info("vesselness threshold %.3f (pooled Dice %.4f on %d pixels)", thresholds[best], dice[best], len(pos_s) + len(neg_s))
+    log.info(
+        "vesselness threshold %.3f (pooled Dice %.4f on %d pixels)",
+        thresholds[best],
+        dice[best],
+        len(pos_s) + len(neg_s),
+    )
     return float(thresholds[best])
 
 
@@ -162,13 +169,17 @@ class VesselnessFamily(ClassicalFamily):
         threshold = choose_threshold(responses, [it.label for it in val], [it.fov for it in val])
         probs = [vesselness_to_probability(r, threshold) for r in responses]
         config = {"name": self.name, "sigmas": [float(s) for s in p.sigmas], "black_ridges": bool(p.black_ridges)}
-        state = {"threshold": torch.tensor(threshold, dtype=torch.float64),
-                 "sigmas": torch.tensor([float(s) for s in p.sigmas], dtype=torch.float64),
-                 "black_ridges": torch.tensor(bool(p.black_ridges))}
+        state = {
+            "threshold": torch.tensor(threshold, dtype=torch.float64),
+            "sigmas": torch.tensor([float(s) for s in p.sigmas], dtype=torch.float64),
+            "black_ridges": torch.tensor(bool(p.black_ridges)),
+        }
         info = {"threshold": round(float(threshold), 6), "n_val_images": len(val), "n_params": 1}
         return Fitted(config, state, info, probs, val)
 
-    def probability_function(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Callable[[Item], np.ndarray]:
+    def probability_function(
+        self, config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> Callable[[Item], np.ndarray]:
         sigmas = [float(s) for s in state["sigmas"].tolist()]
         black, t = bool(state["black_ridges"]), float(state["threshold"])
 

@@ -116,7 +116,13 @@ def predict_image(
     predictor = _probability_predictor(model, dev, amp, channels_last)
     with _eval_mode(model):
         probs = sliding_window_inference(
-            x, window=window, overlap=overlap, predictor=predictor, weighting=weighting, batch_size=batch_size, device=dev
+            x,
+            window=window,
+            overlap=overlap,
+            predictor=predictor,
+            weighting=weighting,
+            batch_size=batch_size,
+            device=dev,
         )
     out = probs[0, 0].cpu().numpy()
     # Blending rounds in the last bit: keep the documented [0, 1] range exact.
@@ -155,8 +161,12 @@ def run_predict(
     from vesselseg.families import family_of_model_file
 
     try:
-        validate_args(window=predict.window if predict.window is not None else 1, overlap=predict.overlap,
-                      weighting=predict.weighting, batch_size=predict.batch_size)
+        validate_args(
+            window=predict.window if predict.window is not None else 1,
+            overlap=predict.overlap,
+            weighting=predict.weighting,
+            batch_size=predict.batch_size,
+        )
     except ValueError as err:
         raise ParamsError(f"predict.{err}") from None
     if not 0.0 < float(predict.threshold) < 1.0:
@@ -169,12 +179,23 @@ def run_predict(
     family.check_inputs(dataset, [i for split_ids in ids.values() for i in split_ids])
     predictor = family.load_predictor(Path(model_path), predict=predict, device=device, amp=amp)
     n_total = sum(map(len, ids.values()))
-    log.info("predicting %d images with the %s model on %s (window %s, overlap %s, %s)", n_total, family.name,
-             predictor.device, predict.window or "whole image", predict.overlap, predict.weighting)
+    log.info(
+        "predicting %d images with the %s model on %s (window %s, overlap %s, %s)",
+        n_total,
+        family.name,
+        predictor.device,
+        predict.window or "whole image",
+        predict.overlap,
+        predict.weighting,
+    )
 
     t_start = time.perf_counter()
-    stats: dict[str, Any] = {"device": predictor.device, "amp_dtype": predictor.amp_dtype, **predictor.stats,
-                             "splits": {}}
+    stats: dict[str, Any] = {
+        "device": predictor.device,
+        "amp_dtype": predictor.amp_dtype,
+        **predictor.stats,
+        "splits": {},
+    }
     all_seconds: list[float] = []
     bar = tqdm(total=n_total, desc=f"predict {family.name}", unit=predictor.unit, disable=None)
     try:
@@ -202,6 +223,10 @@ def run_predict(
     stats["seconds_total"] = time.perf_counter() - t_start
     stats["seconds_per_image"] = statistics.fmean(all_seconds) if all_seconds else 0.0
     stats["seconds_per_image_median"] = statistics.median(all_seconds) if all_seconds else 0.0
-    log.info("predicted %d images in %.1f s (%.3f s per image)", stats["n_images"], stats["seconds_total"],
-             stats["seconds_per_image"])
+    log.info(
+        "predicted %d images in %.1f s (%.3f s per image)",
+        stats["n_images"],
+        stats["seconds_total"],
+        stats["seconds_per_image"],
+    )
     return stats

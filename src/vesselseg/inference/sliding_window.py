@@ -46,7 +46,11 @@ def _pair(window: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         raise ValueError(f"window must be an int or a pair of ints, got {window!r}")
     if isinstance(window, int):
         return (window, window)
-    if isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) and not isinstance(w, bool) for w in window):
+    if (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
         return (int(window[0]), int(window[1]))
     raise ValueError(f"window must be an int or a pair of ints, got {window!r}")
 
@@ -180,7 +184,9 @@ def sliding_window_inference(
         Inputs are channel-first with a batch dimension (NCHW), as in MONAI.  Autocast
         and channels_last are the caller's job (see ``vesselseg.inference.predict``).
     """
-    win = validate_args(window=window, overlap=overlap, weighting=weighting, batch_size=batch_size, sigma_scale=sigma_scale)
+    win = validate_args(
+        window=window, overlap=overlap, weighting=weighting, batch_size=batch_size, sigma_scale=sigma_scale
+    )
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(f"inputs must be an (N, C, H, W) tensor, got {shape}")
@@ -205,7 +211,9 @@ def sliding_window_inference(
         return _stitch(inputs, win, overlap, predictor, weighting, batch_size, sigma_scale, progress)
 
 
-def _whole_image(inputs: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], batch_size: int, progress: bool) -> torch.Tensor:
+def _whole_image(
+    inputs: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], batch_size: int, progress: bool
+) -> torch.Tensor:
     """Fast path: one window covers the image, so blending weights cancel out exactly."""
     outs = []
     for i in tqdm(range(0, inputs.shape[0], batch_size), disable=not progress, desc="image batches", leave=False):
@@ -218,9 +226,16 @@ def _whole_image(inputs: torch.Tensor, predictor: Callable[[torch.Tensor], torch
 
 
 def _check_output(pred: object, in_shape: torch.Size) -> None:
-    if not isinstance(pred, torch.Tensor) or pred.ndim != 4 or pred.shape[0] != in_shape[0] or pred.shape[2:] != in_shape[2:]:
+    if (
+        not isinstance(pred, torch.Tensor)
+        or pred.ndim != 4
+        or pred.shape[0] != in_shape[0]
+        or pred.shape[2:] != in_shape[2:]
+    ):
         got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-        raise ValueError(f"predictor must return a (B, C_out, h, w) tensor matching its input {tuple(in_shape)}, got {got}")
+        raise ValueError(
+            f"predictor must return a (B, C_out, h, w) tensor matching its input {tuple(in_shape)}, got {got}"
+        )
 
 
 def _stitch(

@@ -81,6 +81,8 @@ def predict_with_tta(predict: Callable[[np.ndarray], np.ndarray], image: np.ndar
         moved = np.ascontiguousarray(_forward(image, k, flip))
         out = np.asarray(predict(moved))
         if out.shape != moved.shape[:2]:
-            raise ValueError(f"predict returned shape {out.shape} for an input of shape {moved.shape}; expected {moved.shape[:2]}")
+            raise ValueError(
+                f"predict returned shape {out.shape} for an input of shape {moved.shape}; expected {moved.shape[:2]}"
+            )
         total += _inverse(out, k, flip)
     return (total / len(steps)).astype(np.float32)

@@ -36,8 +36,8 @@ from vesselseg.models.unet import UNet, valid_padding_predictor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MODEL_FORMAT",
     "IPN",
+    "MODEL_FORMAT",
     "ResNetPatch",
     "UNet",
     "build_model",
@@ -119,7 +119,9 @@ def _plain(obj: Any, where: str) -> Any:
     raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a model file (use plain Python types)")
 
 
-def save_model(path: Path | str, model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+def save_model(
+    path: Path | str, model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> None:
     """Write weights + the config that rebuilds them, atomically.
 
     Tensors are detached and moved to the CPU so a model trained on a GPU loads on
@@ -143,7 +145,7 @@ def read_model_file(path: Path | str, map_location: str | torch.device = "cpu") 
         raise DataError(f"{path}: model file not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and weights_only errors all mean "not ours"
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: not a vesselseg model file (torch.load failed: {first[:200]})") from None
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
@@ -161,7 +163,11 @@ def _mismatch(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module, w
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if not (missing or unexpected or shapes):
         return None
     parts = []

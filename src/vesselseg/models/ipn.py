@@ -108,8 +108,13 @@ class IPN(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("channels", channels), ("n_blocks", n_blocks), ("depth", depth)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("channels", channels),
+            ("n_blocks", n_blocks),
+            ("depth", depth),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.depth = depth

@@ -27,7 +27,7 @@ from vesselseg.models.unet import init_kaiming
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResNetPatch", "BasicBlock", "load_imagenet_weights"]
+__all__ = ["BasicBlock", "ResNetPatch", "load_imagenet_weights"]
 
 
 class BasicBlock(nn.Module):
@@ -112,8 +112,10 @@ def load_imagenet_weights(model: ResNetPatch, path: Path | str) -> list[str]:
         raise DataError(f"{path}: ImageNet weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a state dict"
-        raise DataError(f"{path}: not a readable torch state dict ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except Exception as err:
+        raise DataError(
+            f"{path}: not a readable torch state dict ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -31,7 +31,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UNet", "valid_padding_predictor", "reflect_pad", "init_kaiming"]
+__all__ = ["UNet", "init_kaiming", "reflect_pad", "valid_padding_predictor"]
 
 Upsampling = Literal["bilinear", "transpose"]
 Padding = Literal["same", "valid"]

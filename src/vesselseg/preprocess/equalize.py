@@ -22,7 +22,15 @@ from vesselseg.errors import DataError, ParamsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHANNELS", "EQUALIZE_METHODS", "equalize", "equalize_hist_masked", "gamma_lut", "select_channel", "to_uint8_projection"]
+__all__ = [
+    "CHANNELS",
+    "EQUALIZE_METHODS",
+    "equalize",
+    "equalize_hist_masked",
+    "gamma_lut",
+    "select_channel",
+    "to_uint8_projection",
+]
 
 Channel = Literal["green", "grey", "rgb"]
 EqualizeMethod = Literal["none", "global", "clahe"]

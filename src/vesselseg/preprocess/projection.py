@@ -38,7 +38,17 @@ from vesselseg.errors import DataError, ParamsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlabError", "BmpLayout", "METHODS", "Rows", "SliceReader", "parse_bmp_header", "project_array", "project_volume", "read_slice"]
+__all__ = [
+    "METHODS",
+    "BmpLayout",
+    "Rows",
+    "SlabError",
+    "SliceReader",
+    "parse_bmp_header",
+    "project_array",
+    "project_volume",
+    "read_slice",
+]
 
 Method = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = ("mean", "max", "min")
@@ -132,7 +142,11 @@ def _decode_general(path: Path) -> np.ndarray:
         except Exception as err:  # tifffile raises many types for corrupt files
             raise DataError(f"{path}: not a readable TIFF slice ({type(err).__name__})") from None
         if arr.ndim == 3 and arr.shape[2] in (3, 4):
-            arr = cv2.cvtColor(arr[:, :, :3], cv2.COLOR_RGB2GRAY) if arr.dtype in (np.uint8, np.uint16, np.float32) else arr[:, :, :3].mean(axis=2)
+            arr = (
+                cv2.cvtColor(arr[:, :, :3], cv2.COLOR_RGB2GRAY)
+                if arr.dtype in (np.uint8, np.uint16, np.float32)
+                else arr[:, :, :3].mean(axis=2)
+            )
     else:
         try:
             data = np.fromfile(path, dtype=np.uint8)
@@ -374,10 +388,14 @@ def _project_files(
                 f"{width}x{depth}; all slices of a volume must have one size"
             )
         if got.data.dtype != first_dtype:
-            raise DataError(f"{path}: B-scan pixels are {got.data.dtype} but {paths[0].name} has {first_dtype}; mixed bit depths in one volume")
+            raise DataError(
+                f"{path}: B-scan pixels are {got.data.dtype} but {paths[0].name} has {first_dtype}; mixed bit depths in one volume"
+            )
         acc[index] = _reduce(got, method)
 
-    bar = tqdm(total=len(paths), desc="project", unit="B-scan", disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(
+        total=len(paths), desc="project", unit="B-scan", disable=None if progress is None else not progress, leave=False
+    )
     with bar:
         bar.update(1)
         if workers == 1 or len(paths) < 4:

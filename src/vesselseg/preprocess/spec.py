@@ -93,10 +93,15 @@ def image_spec(data: DataParams, prepare: PrepareParams) -> dict[str, Any]:
         "dataset": data.dataset,
         # volume datasets: the network saw min-max stretched en-face projections
         "source": "projection" if volume else "image",
-        "projection": {"method": prepare.projection, "slab": list(prepare.slab) if prepare.slab else None} if volume else None,
+        "projection": {"method": prepare.projection, "slab": list(prepare.slab) if prepare.slab else None}
+        if volume
+        else None,
         "channel": prepare.channel,
-        "equalize": {"method": prepare.equalize, "clahe_clip": float(prepare.clahe_clip),
-                     "clahe_tile": int(prepare.clahe_tile)},
+        "equalize": {
+            "method": prepare.equalize,
+            "clahe_clip": float(prepare.clahe_clip),
+            "clahe_tile": int(prepare.clahe_tile),
+        },
         "gamma": float(prepare.gamma),
         "resolution": {"scale": float(prepare.scale), "fov_diameter": None if volume else prepare.fov_diameter},
         "fov": {"rule": _fov_rule(data), **_FOV_DERIVE},
@@ -126,8 +131,12 @@ def preprocessing_spec(
         "in_channels": int(model.in_channels),
         "model_name": model.name,
         "threshold": float(threshold),
-        "window": {"size": pred.window, "overlap": float(pred.overlap), "weighting": pred.weighting,
-                   "batch_size": int(pred.batch_size)},
+        "window": {
+            "size": pred.window,
+            "overlap": float(pred.overlap),
+            "weighting": pred.weighting,
+            "batch_size": int(pred.batch_size),
+        },
     }
 
 
@@ -195,7 +204,9 @@ def _derive_fov(image: np.ndarray, rule: dict[str, Any]) -> np.ndarray:
     if rule.get("rule") == "full":
         return np.ones(image.shape[:2], dtype=bool)
     return fov_from_image(
-        image, rel_threshold=float(rule["rel_threshold"]), closing_radius=int(rule["closing_radius"]),
+        image,
+        rel_threshold=float(rule["rel_threshold"]),
+        closing_radius=int(rule["closing_radius"]),
         erode_radius=int(rule["erode_radius"]),
     )
 
@@ -220,8 +231,10 @@ def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | 
     else:
         fov = np.asarray(fov, dtype=bool)
         if fov.shape != native_shape:
-            raise DataError(f"FOV mask size {fov.shape[1]}x{fov.shape[0]} differs from its image "
-                            f"{native_shape[1]}x{native_shape[0]}")
+            raise DataError(
+                f"FOV mask size {fov.shape[1]}x{fov.shape[0]} differs from its image "
+                f"{native_shape[1]}x{native_shape[0]}"
+            )
     if not fov.any():
         raise DataError("FOV mask is empty")
     native_fov = fov
@@ -240,11 +253,18 @@ def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | 
         if not fov.any():
             raise DataError(f"FOV mask vanishes at scale {scale:.3g}")
     eq = spec["equalize"]
-    out = equalize(out, method=eq["method"], clahe_clip=eq["clahe_clip"], clahe_tile=eq["clahe_tile"],
-                   gamma=spec["gamma"], mask=fov)
+    out = equalize(
+        out,
+        method=eq["method"],
+        clahe_clip=eq["clahe_clip"],
+        clahe_tile=eq["clahe_tile"],
+        gamma=spec["gamma"],
+        mask=fov,
+    )
     if out.ndim == 3:
         out = out * fov[..., None].astype(np.uint8)
     else:
         out = np.where(fov, out, 0).astype(np.uint8)
-    return PreparedImage(image=out, fov=fov, scale=scale, native_shape=native_shape, fov_derived=derived,
-                         native_fov=native_fov)
+    return PreparedImage(
+        image=out, fov=fov, scale=scale, native_shape=native_shape, fov_derived=derived, native_fov=native_fov
+    )

@@ -14,13 +14,12 @@ import queue
 import threading
 from collections.abc import Iterator
 
+import albumentations as A
 import numpy as np
 import torch
 
 from vesselseg.augment import online_augmenter  # first: it turns albumentations' update check off
 from vesselseg.normalize import batch_to_input
-
-import albumentations as A  # noqa: E402  (isort: skip)
 
 # Transforms that only move pixels (no interpolation, no value change): image, label and
 # FOV can go through them as channels of one array.
@@ -31,7 +30,9 @@ def _is_dihedral(aug: A.Compose) -> bool:
     return all(isinstance(t, _DIHEDRAL) for t in aug.transforms)
 
 
-def augment_batch(aug: A.Compose, im: np.ndarray, lb: np.ndarray, fv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def augment_batch(
+    aug: A.Compose, im: np.ndarray, lb: np.ndarray, fv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply ``aug`` to each sample of a batch; image, label and FOV see the same transform.
 
     Why stacked: each albumentations call has a fixed cost per target, and most of a
@@ -103,7 +104,9 @@ class PatchBatches:
 
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.images), seed=self.seed, epoch=epoch, rank=self.rank, world=self.world)
-        aug = online_augmenter(flip=self.flip, rotate90=self.rotate90, seed=(self.seed * 7919 + epoch) * 131 + self.rank)
+        aug = online_augmenter(
+            flip=self.flip, rotate90=self.rotate90, seed=(self.seed * 7919 + epoch) * 131 + self.rank
+        )
         for start in range(0, len(order), self.local_batch):
             yield self._make(order[start : start + self.local_batch], aug)
 

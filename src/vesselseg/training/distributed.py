@@ -53,4 +53,3 @@ def broadcast_flag(flag: bool, world: World) -> bool:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
-

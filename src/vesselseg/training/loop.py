@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from vesselseg import atomic
+from vesselseg.device import amp_dtype, resolve_device, set_threads, to_channels_last
 from vesselseg.errors import DataError
 from vesselseg.params import TrainParams
 from vesselseg.training import checkpoint as ckpt
-from vesselseg.device import amp_dtype, resolve_device, set_threads, to_channels_last
 from vesselseg.training.distributed import World, barrier, broadcast_flag, init_world
 
 log = logging.getLogger(__name__)
@@ -281,19 +281,34 @@ def run_epochs(
         if world.is_main:
             val = validate(epoch)
             score = val[params.select_metric]
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
-                   "val_iou": val["iou"], "lr": lr, "seconds": round(time.monotonic() - e0, 2)}
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                "val_dice": val["dice"],
+                "val_iou": val["iou"],
+                "lr": lr,
+                "seconds": round(time.monotonic() - e0, 2),
+            }
             trainer.history.append(row)
             if score > trainer.best_score:
                 trainer.best_score, trainer.best_epoch = score, epoch
-                trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()}
+                trainer.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()
+                }
             write_history(history_path, trainer.history)
             ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fingerprint))
             if logger is not None:
                 logger.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
             log.info(
                 "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (best %.4f @ %d)  %.1fs",
-                epoch, params.epochs, train_loss, val["loss"], val["dice"], trainer.best_score, trainer.best_epoch,
+                epoch,
+                params.epochs,
+                train_loss,
+                val["loss"],
+                val["dice"],
+                trainer.best_score,
+                trainer.best_epoch,
                 row["seconds"],
             )
             if epoch - trainer.best_epoch >= params.patience:
@@ -313,8 +328,12 @@ def run_epochs(
         if trainer.best_state is None:
             raise DataError(f"{checkpoint_path}: no epoch produced a model (train.epochs={params.epochs})")
         trainer.raw_model.load_state_dict(trainer.best_state)
-        save_model(model_path, trainer.raw_model, model_config,
-                   extra={**(model_extra or {}), "epoch": trainer.best_epoch, "val_score": round(trainer.best_score, 6)})
+        save_model(
+            model_path,
+            trainer.raw_model,
+            model_config,
+            extra={**(model_extra or {}), "epoch": trainer.best_epoch, "val_score": round(trainer.best_score, 6)},
+        )
         atomic.write_json(metrics_path, metrics)
         Path(checkpoint_path).unlink(missing_ok=True)  # finished: a rerun starts afresh
     return metrics

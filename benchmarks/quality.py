@@ -22,8 +22,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tools/ (test and benchmark support)
 
-from vesselseg import scratch  # noqa: E402
+from tools import scratch  # noqa: E402
 
 # (split, metric) -> (floor, goal, anchor text), from the quality issue
 ANCHORS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import ROOT
-from vesselseg import scratch
+from tools import scratch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -94,9 +94,9 @@ def test_exp_run_lr_reruns_only_train_predict_evaluate(repo: tuple[Path, dict[st
     assert "lr-high" in show and "test.dice" in show
     diff = _run(["dvc", "metrics", "diff", "--all", "--json"], root, env, stdout_only=True)
     assert "reports/metrics.json" in json.loads(diff)
-    plots = _run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env, stdout_only=True)
-    text = plots.lower()
-    assert "history.csv" in text and "roc.csv" in text
+    plots = json.loads(_run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env, stdout_only=True))["data"]
+    assert {"loss", "validation-scores", "roc", "precision-recall"} <= set(plots)
+    assert set(plots["loss"][0]["revisions"]) == {"workspace", "HEAD"}, "both revisions on one plot"
 
 
 def test_mlflow_holds_both_runs_with_commit_and_experiment(repo: tuple[Path, dict[str, str]]) -> None:

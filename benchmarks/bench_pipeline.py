@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))  # tools/ (test and benchmark support)
 
 from tools import scratch  # noqa: E402
+
 TOTAL_TARGET_S = 600.0
 NOOP_TARGET_S = 5.0
 STAGES = ("download", "prepare", "patches", "train", "predict", "evaluate")

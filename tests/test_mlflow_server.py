@@ -20,7 +20,12 @@ import pytest
 import requests
 
 from tests.helpers import ROOT, make_prepared
-from vesselseg.tracking import RunLogger, artifact_location, pending_offline, sync_offline
+from vesselseg.tracking import (
+    RunLogger,
+    artifact_location,
+    pending_offline,
+    sync_offline,
+)
 
 ROOT_PARAMS = {"train.lr": 0.001, "data.dataset": "synthetic", "model.depth": 3}
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import ROOT, SHARED
 from tools import scratch
 

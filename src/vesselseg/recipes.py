@@ -190,8 +190,10 @@ def compose(overrides: Sequence[str] = (), *, root: Path | str | None = None, va
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ParamsError(f"{folder}: {' '.join(str(err).split())}") from None
-    tree = OmegaConf.to_container(cfg)
-    assert isinstance(tree, dict)
+    container = OmegaConf.to_container(cfg)
+    if not isinstance(container, dict):
+        raise ParamsError(f"{folder / (CONFIG_NAME + '.yaml')}: the composition is not a mapping")
+    tree = {str(k): v for k, v in container.items()}
     if validate:
         parse_params(tree, f"{folder} + {' '.join(overrides) or 'defaults'}")
     return tree

@@ -619,7 +619,7 @@ def sync_offline(uri: str | None = None, root: Path | None = None) -> int:
     for folder in journals:
         journal = _Journal(folder)
         try:
-            run_id = _resume_run(client, journal)
+            run_id = _resume_run(client, journal, artifact_location(uri, journal.meta["experiment"], root))
             for op_file in journal.pending():
                 _apply(client, run_id, json.loads(op_file.read_text()), base=folder)
                 op_file.unlink()
@@ -633,8 +633,10 @@ def sync_offline(uri: str | None = None, root: Path | None = None) -> int:
     return done
 
 
-def _resume_run(client: Any, journal: _Journal) -> str:
-    meta = journal.meta
+def _resume_run(client: Any, journal: _Journal, location: str) -> str:
+    """The journal's run on this server, or a new one; ``location``: the artifact location
+    for the replay target (the journal may have been recorded for another kind of URI)."""
+    meta = {**journal.meta, "artifact_location": location}
     run_id = meta.get("run_id")
     if run_id:
         with contextlib.suppress(Exception):

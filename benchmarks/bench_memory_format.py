@@ -19,7 +19,7 @@ weights' values do not change the cost.
 Usage::
 
     python benchmarks/bench_memory_format.py            # every shipped config and recipe with a 2D net
-    python benchmarks/bench_memory_format.py --quick    # params.yaml and configs/drive.yaml only, 3 rounds
+    python benchmarks/bench_memory_format.py --quick    # params.yaml and conf/dataset/drive.yaml only, 3 rounds
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,7 +42,7 @@ from vesselseg.inference.predict import predict_image  # noqa: E402
 from vesselseg.losses import build_loss  # noqa: E402
 from vesselseg.models import build_model  # noqa: E402
 from vesselseg.params import Params, parse_params  # noqa: E402
-from vesselseg.recipes import merge_params  # noqa: E402
+from vesselseg.recipes import compose, list_choices  # noqa: E402
 from vesselseg.training.distributed import World  # noqa: E402
 from vesselseg.training.loop import Trainer  # noqa: E402
 from vesselseg.families.resnet_patch import predict_probability_map  # noqa: E402
@@ -52,22 +51,24 @@ from vesselseg.families import network_config  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.0
 DRIVE_SIZE = (584, 565)
-QUICK = ("params.yaml", "configs/drive.yaml")
+QUICK = ("params.yaml", "conf/dataset/drive.yaml")
 TWO_D = ("unet", "resnet_patch")  # IPN is 3D (no channels_last); KNN and vesselness have no net
 
 
 def shipped_configs(quick: bool) -> list[tuple[str, Params]]:
-    """(name, params) of params.yaml, each configs/*.yaml and each recipe, as merged by the pipeline."""
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    paths = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml")), *sorted((ROOT / "recipes").glob("*.yaml"))]
-    out = []
-    for path in paths:
-        name = str(path.relative_to(ROOT))
+    """(name, params) of the default composition, each conf/dataset and each conf/recipe, as DVC composes them."""
+    choices = [("params.yaml", [])]
+    choices += [(f"conf/dataset/{c.name}.yaml", [f"dataset={c.name}"]) for c in list_choices("dataset", ROOT)]
+    choices += [(f"conf/recipe/{c.name}.yaml", [f"recipe={c.name}"]) for c in list_choices("recipe", ROOT)
+                if c.name != "default"]
+    out, seen = [], set()
+    for name, overrides in choices:
         if quick and name not in QUICK:
             continue
-        tree = base if path.name == "params.yaml" and path.parent == ROOT else merge_params(base, yaml.safe_load(path.read_text()))
-        params = parse_params(tree, path)
-        if params.model.name in TWO_D:
+        params = parse_params(compose(overrides, root=ROOT), name)
+        key = repr((params.model, params.patches.size, params.train.batch_size, params.predict))  # same work: time once
+        if params.model.name in TWO_D and key not in seen:
+            seen.add(key)
             out.append((name, params))
     return out
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds per row (each round runs both settings)")
     ap.add_argument("--steps", type=int, default=2, help="training steps per timed run")
-    ap.add_argument("--quick", action="store_true", help="params.yaml and configs/drive.yaml only, 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="params.yaml and conf/dataset/drive.yaml only, 3 rounds")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 3

@@ -43,8 +43,9 @@ from common import Checks, header, median, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tools/ (test and benchmark support)
 
-from vesselseg import scratch  # noqa: E402
+from tools import scratch  # noqa: E402
 
 TOTAL_TARGET_S = 600.0
 NOOP_TARGET_S = 5.0

@@ -13,9 +13,9 @@ only (no file reading).  The table prints F1, AUC, clDice, their gains over
 Usage::
 
     python benchmarks/bench_tta.py --model models/model.pt --prepared data/prepared
-    python benchmarks/bench_tta.py --model M.pt          # prepares DRIVE from configs/drive.yaml first
+    python benchmarks/bench_tta.py --model M.pt          # prepares DRIVE from conf/dataset/drive.yaml first
 
-Without ``--prepared`` the DRIVE copy named by ``configs/drive.yaml`` (data.source,
+Without ``--prepared`` the DRIVE copy named by ``conf/dataset/drive.yaml`` (data.source,
 default ``../shared/datasets/DRIVE``) is prepared into a scratch folder with that
 config's prepare settings, which must be the ones the model was trained with.
 ``VESSELSEG_THREADS`` (default 2) sets the torch threads.
@@ -48,22 +48,21 @@ from vesselseg.inference.tta import TTA_MODES, predict_with_tta, transforms  # n
 from vesselseg.metrics import MetricAccumulator  # noqa: E402
 from vesselseg.models import load_model  # noqa: E402
 from vesselseg.prepared import PreparedDataset  # noqa: E402
-from vesselseg.scratch import merge  # noqa: E402
 from vesselseg.topology import TopologyAccumulator  # noqa: E402
 
 
-def prepare_drive(workdir: Path, config: Path) -> Path:
-    """Download (copy) and prepare DRIVE with ``config`` over params.yaml; returns the prepared folder."""
+def prepare_drive(workdir: Path, dataset: str) -> Path:
+    """Download (copy) and prepare DRIVE as ``dvc exp run -S dataset=<dataset>`` composes it; the prepared folder."""
     from vesselseg.cli import main as vesselseg
+    from vesselseg.recipes import compose
 
-    overlay = yaml.safe_load(config.read_text())
-    source = Path(overlay["data"]["source"])
+    params = compose([f"dataset={dataset}"], root=ROOT)
+    source = Path(params["data"]["source"])
     if not source.is_absolute():
         source = (ROOT / source).resolve()
     if not source.exists():
-        sys.exit(f"SKIP: {source} not found (DRIVE is bring-your-own; see configs/drive.yaml)")
-    overlay["data"]["source"] = str(source)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overlay)
+        sys.exit(f"SKIP: {source} not found (DRIVE is bring-your-own; see conf/dataset/{dataset}.yaml)")
+    params["data"]["source"] = str(source)
     params_path = workdir / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     for stage, args in (
@@ -82,7 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="a trained DRIVE model (models/model.pt)")
     ap.add_argument("--prepared", type=Path, default=None, help="prepared DRIVE folder (default: prepare it)")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "drive.yaml")
+    ap.add_argument("--dataset", default="drive", help="conf/dataset/<name>.yaml to prepare (default: drive)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--modes", nargs="+", default=list(TTA_MODES), choices=TTA_MODES)
     ap.add_argument("--limit", type=int, default=None, help="first N images only (a quick look)")
@@ -92,7 +91,7 @@ def main() -> int:
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
-        prepared = args.prepared or prepare_drive(Path(tmp), args.config)
+        prepared = args.prepared or prepare_drive(Path(tmp), args.dataset)
         ds = PreparedDataset(prepared)
         ids = sorted(ds.ids(args.split))[: args.limit]
         if not ids:

@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --recipe             # also the default DRIVE recipe's wall time (dvc repro)
     python benchmarks/gpu.py --device cpu --smoke # every measurement at toy sizes on the CPU (tests the script)
 
-What is measured, with the network of ``configs/drive.yaml`` over ``params.yaml`` (the
+What is measured, with the network of ``conf/dataset/drive.yaml`` over ``params.yaml`` (the
 default DRIVE recipe's U-Net):
 
 * training patches/s through :class:`vesselseg.training.loop.Trainer` (its own
@@ -42,6 +42,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tools/ (test and benchmark support)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
@@ -49,7 +50,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from common import header, median, print_table  # noqa: E402
 
-from vesselseg import scratch  # noqa: E402
+from tools import scratch  # noqa: E402
 from vesselseg.params import Params  # noqa: E402
 
 DRIVE_SIZE = (584, 565)
@@ -66,10 +67,10 @@ SMOKE = {"model": {"depth": 2, "base_channels": 4}, "patches": {"size": 16}}
 
 
 def recipe_params(smoke: bool = False) -> Params:
-    """``params.yaml`` with ``configs/drive.yaml`` over it: the default DRIVE recipe."""
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    overlay = yaml.safe_load((ROOT / "configs" / "drive.yaml").read_text())
-    merged = scratch.merge(base, overlay)
+    """The default DRIVE recipe, as ``dvc exp run -S dataset=drive`` composes it."""
+    from vesselseg.recipes import compose
+
+    merged = compose(["dataset=drive"], root=ROOT)
     return Params.model_validate(scratch.merge(merged, SMOKE) if smoke else merged)
 
 
@@ -265,11 +266,11 @@ def ddp_worker(args: argparse.Namespace) -> None:
 
 
 def bench_recipe(args: argparse.Namespace) -> list[list[Any]]:
-    """``dvc repro`` of configs/drive.yaml in a scratch project: the wall time a user waits."""
+    """``dvc repro`` of conf/dataset/drive.yaml in a scratch project: the wall time a user waits."""
     source = Path(args.drive).resolve()
     if not source.is_dir():
-        return [["recipe", "configs/drive.yaml", "", "skipped", f"DRIVE not found at {source} (--drive)"]]
-    overlay = yaml.safe_load((ROOT / "configs" / "drive.yaml").read_text())
+        return [["recipe", "conf/dataset/drive.yaml", "", "skipped", f"DRIVE not found at {source} (--drive)"]]
+    overlay = yaml.safe_load((ROOT / "conf" / "dataset" / "drive.yaml").read_text())
     overlay["data"]["source"] = str(source)
     overlay.setdefault("train", {})["device"] = args.device
     env = scratch.scratch_env()
@@ -285,7 +286,7 @@ def bench_recipe(args: argparse.Namespace) -> list[list[Any]]:
         shutil.rmtree(work, ignore_errors=True)
     note = (f"s wall (train {train.get('train_seconds')} s, {train.get('epochs_run')} epochs; "
             f"test F1 {test.get('dice', float('nan')):.4f}, AUC {test.get('auc_roc', float('nan')):.4f})")  # fmt: skip
-    return [["recipe", "configs/drive.yaml", "dvc repro", round(wall, 1), note]]
+    return [["recipe", "conf/dataset/drive.yaml", "dvc repro", round(wall, 1), note]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     params = recipe_params(args.smoke)
     net = params.model.network_config()
     header("GPU throughput of vesselseg's Trainer and predict_image", **facts,
-           network=f"{net['name']} depth {net['depth']} base {net['base_channels']} (configs/drive.yaml{' shrunk by --smoke' if args.smoke else ''}), "
+           network=f"{net['name']} depth {net['depth']} base {net['base_channels']} (conf/dataset/drive.yaml{' shrunk by --smoke' if args.smoke else ''}), "
                    f"{params.patches.size}-px patches, loss {params.train.loss}")  # fmt: skip
 
     rows = bench_training(params, device, args)

@@ -2,21 +2,24 @@
 
 Usage (from the repository root, with the venv's python)::
 
-    python benchmarks/recipes.py                      # every recipe on DRIVE (../shared/datasets/DRIVE)
+    python benchmarks/recipes.py                      # every recipe on DRIVE (conf/dataset/drive.yaml)
     python benchmarks/recipes.py --recipes knn vesselness --cap-minutes 10
-    python benchmarks/recipes.py --dataset synthetic-fundus --source "" -S data.synthetic_fundus.size=64
+    python benchmarks/recipes.py --dataset synthetic-fundus -S data.synthetic_fundus.size=64
 
 Each recipe runs through the pipeline's own stages (``vesselseg`` CLI: patches,
-train, predict, evaluate) in a scratch folder, with a params file = the working
-tree's ``params.yaml`` (``--params``; it matches the code that runs) + the recipe + ``data.dataset``/``data.source`` (unless the recipe
-pins its dataset, as ``ipn`` pins the synthetic OCTA volumes) + ``-S`` overrides.
+train, predict, evaluate) in a scratch folder, with the params ``dvc exp run -S
+dataset=<dataset> -S recipe=<recipe> -S <overrides>`` would write: the same Hydra
+composition of ``conf/`` (``vesselseg.recipes.compose``), so a row is what a user's
+experiment gets.  A recipe that pins its dataset (``ipn`` pins the synthetic OCTA
+volumes) keeps it, as in the composition.  A relative ``data.source`` is read from the
+repository root, as DVC runs stages there.
 Recipes with the same ``data`` and ``prepare`` share one download + prepare.  Each
 recipe runs in its own process group, killed at ``--cap-minutes``; a recipe that
 fails or runs out of time keeps its row ("failed: <one line>").  Wall time is that
 of the recipe's own stages (process start-up included); the shared data
 preparation is timed separately in the table's header.  Extra rows run a recipe on
-another dataset: ``--also octa-unet4@octa500=/path/OCTA-500_3M_2D`` (added by
-default when that shared folder exists).
+another dataset config: ``--also octa-unet4@octa500-3m`` (added by default when
+``../shared/datasets/OCTA-500_3M_2D`` exists).
 
 MLflow logging is off (``VESSELSEG_TRACKING=0``) unless ``--track``: scratch runs
 are not experiments of the repository.  ``VESSELSEG_THREADS`` is passed through.
@@ -42,14 +45,16 @@ from typing import Any
 import yaml
 
 from vesselseg.errors import VesselsegError
-from vesselseg.params import CLASSICAL_MODELS, flatten, parse_params, set_dotted
+from vesselseg.params import flatten
+from vesselseg.registry import info
 from vesselseg.recipes import (
     RecipeRow,
-    one_line,
+    check_source,
+    compose,
+    list_choices,
     list_recipes,
     load_recipe,
-    merge_params,
-    parse_sets,
+    one_line,
     write_table,
 )
 
@@ -64,8 +69,7 @@ _CHILD = "import json, sys\nfrom vesselseg.cli import main\nfor argv in json.loa
 @dataclass(frozen=True)
 class Job:
     recipe: str
-    dataset: str
-    source: str | None
+    dataset: str  # a conf/dataset name
 
 
 def _run(argvs: list[list[str]], *, cwd: Path, env: dict[str, str], timeout_s: float, log_file: Path) -> tuple[bool, str, float]:
@@ -88,15 +92,20 @@ def _run(argvs: list[list[str]], *, cwd: Path, env: dict[str, str], timeout_s: f
     return False, one_line(errors[-1] if errors else text), seconds
 
 
-def _params_for(job: Job, base: dict[str, Any], sets: dict[str, Any], recipes_root: Path | None) -> dict[str, Any]:
-    recipe = load_recipe(job.recipe, recipes_root)
-    tree = merge_params(base, recipe)
-    if "dataset" not in recipe.get("data", {}):  # a recipe that pins its dataset keeps it
-        set_dotted(tree, "data.dataset", job.dataset)
-        set_dotted(tree, "data.source", job.source)
-    for key, value in sets.items():
-        set_dotted(tree, key, value)
-    parse_params(tree, f"recipe {job.recipe}")
+def _params_for(job: Job, sets: list[str], conf: Path | None) -> dict[str, Any]:
+    """The composition ``dvc exp run -S dataset=.. -S recipe=.. -S sets..`` writes; source made absolute.
+
+    A recipe that pins its dataset (``ipn``: ``data.dataset: synthetic``) runs on that
+    dataset's config instead of the job's, so no other dataset's preprocessing leaks in.
+    """
+    pinned = (load_recipe(job.recipe, conf).get("data") or {}).get("dataset")
+    known = {c.name for c in list_choices("dataset", conf)}
+    dataset = pinned if pinned in known else job.dataset
+    tree = compose([f"dataset={dataset}", f"recipe={job.recipe}", *sets], root=conf)
+    source = tree["data"].get("source")
+    if source:
+        tree["data"]["source"] = os.pathsep.join(str((REPO / p).resolve()) for p in str(source).split(os.pathsep))
+        check_source(tree, REPO)
     return tree
 
 
@@ -113,13 +122,12 @@ def run_benchmark(
     jobs: list[Job],
     *,
     workdir: Path,
-    base: dict[str, Any],
-    sets: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
     cap_minutes: float = 15.0,
     track: bool = False,
-    recipes_root: Path | None = None,
+    conf: Path | None = None,
 ) -> tuple[list[RecipeRow], dict[str, float]]:
-    """Run each job over the ``base`` params; returns the table rows and the seconds spent preparing each dataset."""
+    """Run each job (composed from ``conf``); returns the table rows and the seconds spent preparing each dataset."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", DVC_NO_ANALYTICS="1")
     if not track:
         env["VESSELSEG_TRACKING"] = "0"
@@ -128,7 +136,7 @@ def run_benchmark(
     prep_seconds: dict[str, float] = {}
     for job in jobs:
         try:
-            tree = _params_for(job, base, sets or {}, recipes_root)
+            tree = _params_for(job, list(sets or []), conf)
         except VesselsegError as err:
             rows.append(RecipeRow(job.recipe, dataset=job.dataset, note=f"failed: {one_line(str(err))}"))
             continue
@@ -156,7 +164,7 @@ def run_benchmark(
         (run_dir / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
         p, prep = str(run_dir / "params.yaml"), str(data_dir / "prepared")
         argvs = []
-        if tree["model"]["name"] not in CLASSICAL_MODELS:
+        if info(tree["model"]["name"]).neural:  # the classical families fit on prepared images
             argvs.append(["--params", p, "patches", "--prepared", prep, "--out", "patches"])
         argvs += [
             ["--params", p, "train", "--patches", "patches", "--prepared", prep],
@@ -177,48 +185,43 @@ def run_benchmark(
 
 
 def _parse_also(text: str) -> Job:
-    recipe, _, rest = text.partition("@")
-    dataset, _, source = rest.partition("=")
+    recipe, _, dataset = text.partition("@")
     if not recipe or not dataset:
-        raise SystemExit(f"--also {text!r}: expected RECIPE@DATASET[=SOURCE]")
-    return Job(recipe, dataset, source or None)
+        raise SystemExit(f"--also {text!r}: expected RECIPE@DATASET (a conf/dataset name)")
+    return Job(recipe, dataset)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
-    ap.add_argument("--dataset", default="drive")
-    ap.add_argument("--source", default=str(SHARED / "DRIVE"), help="data.source ('' for none)")
-    ap.add_argument("--also", action="append", default=None, metavar="RECIPE@DATASET[=SOURCE]")
-    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--dataset", default="drive", help="a conf/dataset name")
+    ap.add_argument("--also", action="append", default=None, metavar="RECIPE@DATASET")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="OVERRIDE",
+                    help="Hydra override over dataset + recipe, as with dvc exp run -S")
     ap.add_argument("--cap-minutes", type=float, default=15.0, help="per-recipe wall-clock cap")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "recipes.md")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
-    ap.add_argument("--recipes-dir", type=Path, default=None)
-    ap.add_argument("--params", type=Path, default=REPO / "params.yaml",
-                    help="base params the recipes apply over (default: the working tree's, matching its code)")
+    ap.add_argument("--conf-dir", type=Path, default=None, help="Hydra config folder (default: the repository's conf/)")
     ap.add_argument("--track", action="store_true", help="log the runs to MLflow")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    names = args.recipes or [r.name for r in list_recipes(args.recipes_dir)]
-    source = args.source or None
-    if source and not Path(source).exists():
-        print(f"dataset source {source} not found; pass --dataset/--source", file=sys.stderr)
+    try:
+        names = args.recipes or [r.name for r in list_recipes(args.conf_dir)]
+        compose([f"dataset={args.dataset}", *args.sets], root=args.conf_dir)  # bad names stop here, in one line
+    except VesselsegError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    jobs = [Job(n, args.dataset, source) for n in names]
+    jobs = [Job(n, args.dataset) for n in names]
     also = args.also
-    octa = SHARED / "OCTA-500_3M_2D"
-    if also is None and args.recipes is None and args.dataset == "drive" and octa.is_dir():
-        also = [f"octa-unet4@octa500={octa}"]
+    if also is None and args.recipes is None and args.dataset == "drive" and (SHARED / "OCTA-500_3M_2D").is_dir():
+        also = ["octa-unet4@octa500-3m"]
     jobs += [_parse_also(a) for a in also or []]
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vesselseg-recipes-"))
     try:
-        sets = parse_sets(args.sets)
-        base = yaml.safe_load(args.params.read_text(encoding="utf-8")) or {}
-        rows, prep = run_benchmark(jobs, workdir=workdir, base=base, sets=sets, cap_minutes=args.cap_minutes, track=args.track,
-                                   recipes_root=args.recipes_dir)
+        rows, prep = run_benchmark(jobs, workdir=workdir, sets=args.sets, cap_minutes=args.cap_minutes, track=args.track,
+                                   conf=args.conf_dir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

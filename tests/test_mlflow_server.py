@@ -1,4 +1,5 @@
-"""RunLogger against a real ``mlflow server``, including the server dying mid-run.
+"""RunLogger against a real ``mlflow server``: the server dying mid-run, and artifacts
+that go through the server (``mlflow-artifacts:``) so another client can read them.
 
 The server is started in its own session (process group) because it spawns worker
 and consumer processes; teardown kills the whole group so nothing is left behind.
@@ -18,7 +19,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from vesselseg.tracking import RunLogger, pending_offline, sync_offline
+from tests.helpers import ROOT, make_prepared
+from vesselseg.tracking import (
+    RunLogger,
+    artifact_location,
+    pending_offline,
+    sync_offline,
+)
 
 ROOT_PARAMS = {"train.lr": 0.001, "data.dataset": "synthetic", "model.depth": 3}
 
@@ -49,7 +56,8 @@ class MlflowServer:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.db}",
-            "--default-artifact-root", (self.workdir / "served-artifacts").as_uri(),
+            # artifacts are proxied: clients upload to the server, which stores them here
+            "--serve-artifacts", "--artifacts-destination", str(self.workdir / "served-artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         # No background job consumer: fewer processes to start and to kill.
@@ -170,3 +178,56 @@ def test_server_logging_and_midrun_loss(project: Path, tmp_path: Path, caplog: p
         assert len(client.search_runs([exp.experiment_id])) == 2
     finally:
         server2.stop()
+
+
+def test_artifact_location_goes_through_an_http_server(tmp_path: Path) -> None:
+    assert artifact_location("http://mlflow.example:5000", "vessel seg") == "mlflow-artifacts:/vessel%20seg"
+    assert artifact_location("https://mlflow.example", "vesselseg") == "mlflow-artifacts:/vesselseg"
+    local = artifact_location(f"sqlite:///{tmp_path}/mlflow.db", "vesselseg", tmp_path)
+    assert local.startswith("file://") and local.endswith("/mlruns")
+
+
+# the train stage on 4 tiny images (a few seconds) plus one server start
+@pytest.mark.timeout(240)
+def test_train_stage_artifact_is_readable_from_a_second_client_directory(tmp_path: Path) -> None:
+    """The train stage run against a server: its history.csv artifact is on the server,
+    not on the training client's disk, and a client in another folder downloads it intact."""
+    import yaml
+
+    from vesselseg.params import Params, set_dotted
+
+    server = MlflowServer(tmp_path / "server.db", tmp_path / "srv").start()
+    try:
+        client_a = tmp_path / "client-a"
+        make_prepared(client_a / "prepared", n_train=3, n_val=1, n_test=1, size=32)
+        tree = Params().model_dump(mode="json")
+        tiny = {"patches.size": 16, "patches.per_image": 8, "patches.val_per_image": 4, "model.depth": 2,
+                "model.base_channels": 4, "train.epochs": 1, "train.batch_size": 8, "train.threads": 1,
+                "tracking.experiment": "served"}
+        for key, value in tiny.items():
+            set_dotted(tree, key, value)
+        (client_a / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        (client_a / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "VESSELSEG_TRACKING": "1", "VESSELSEG_THREADS": "1",
+               "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT / "src")}
+        env.pop("DVC_ROOT", None)
+        cli = [sys.executable, "-m", "vesselseg.cli", "--params", "params.yaml"]
+        for argv in (["patches", "--prepared", "prepared", "--out", "patches"],
+                     ["train", "--patches", "patches", "--prepared", "prepared", "--model", "model.pt",
+                      "--checkpoint", "checkpoint.pt", "--history", "history.csv", "--metrics", "train.json"]):
+            res = subprocess.run([*cli, *argv], cwd=client_a, env=env, capture_output=True, text=True, timeout=180)
+            assert res.returncode == 0, res.stderr[-2000:]
+        assert not (client_a / "mlruns").exists(), "artifacts must not land on the training client's disk"
+
+        client = _client(server.uri)
+        exp = client.get_experiment_by_name("served")
+        assert exp.artifact_location.startswith("mlflow-artifacts:")
+        (train_run,) = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+        assert train_run.info.artifact_uri.startswith("mlflow-artifacts:")
+        client_b = tmp_path / "client-b"
+        client_b.mkdir()
+        got = client.download_artifacts(train_run.info.run_id, "history.csv", str(client_b))
+        assert Path(got).read_bytes() == (client_a / "history.csv").read_bytes()
+        assert list((tmp_path / "srv" / "served-artifacts").rglob("history.csv")), "stored by the server"
+    finally:
+        server.stop()

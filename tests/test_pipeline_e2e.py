@@ -3,7 +3,12 @@
 What a new user does: `dvc repro`, again (nothing to do), `dvc exp run -S
 train.lr=...` (only train/predict/evaluate re-run), `dvc exp show`, `dvc metrics
 diff`, `dvc plots diff`, the fundus variant, `dvc repro --force` (byte-identical
-metrics and model), and the MLflow runs of both experiments.
+metrics and model), the MLflow runs of both experiments, `dvc plots show` rendering
+exactly the declared plots, DRIVE in one `dvc exp run -S dataset=drive`, and unknown
+names or a missing source stopping before any work.
+
+The project sits beside a link ``shared -> ../shared`` of this checkout (when present),
+so the dataset configs' ``../shared/datasets/...`` sources resolve as in a real clone.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT
-from vesselseg import scratch
+
+from tests.helpers import ROOT, SHARED
+from tools import scratch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,7 +52,10 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     env = scratch.scratch_env(threads=1)
-    root = scratch.make_project(tmp_path_factory.mktemp("e2e") / "project", TINY, root=ROOT, env=env)
+    base = tmp_path_factory.mktemp("e2e")
+    if SHARED.parent.is_dir():
+        (base / "shared").symlink_to(SHARED.parent, target_is_directory=True)
+    root = scratch.make_project(base / "project", TINY, root=ROOT, env=env)
     return root, env
 
 
@@ -86,9 +95,9 @@ def test_exp_run_lr_reruns_only_train_predict_evaluate(repo: tuple[Path, dict[st
     assert "lr-high" in show and "test.dice" in show
     diff = _run(["dvc", "metrics", "diff", "--all", "--json"], root, env, stdout_only=True)
     assert "reports/metrics.json" in json.loads(diff)
-    plots = _run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env, stdout_only=True)
-    text = plots.lower()
-    assert "history.csv" in text and "roc.csv" in text
+    plots = json.loads(_run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], root, env, stdout_only=True))["data"]
+    assert {"loss", "validation-scores", "roc", "precision-recall"} <= set(plots)
+    assert set(plots["loss"][0]["revisions"]) == {"workspace", "HEAD"}, "both revisions on one plot"
 
 
 def test_mlflow_holds_both_runs_with_commit_and_experiment(repo: tuple[Path, dict[str, str]]) -> None:
@@ -133,3 +142,68 @@ def test_fundus_variant_runs_through_the_same_stages(repo: tuple[Path, dict[str,
     assert {"download", "prepare", "train", "evaluate"} <= ran
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["test"]["n_images"] >= 1
+
+
+def test_plots_show_renders_exactly_the_declared_plots(repo: tuple[Path, dict[str, str]]) -> None:
+    """One plot per top-level declaration (no stage-level duplicates guessing a y column)."""
+    import yaml
+
+    root, env = repo
+    shown = json.loads(_run(["dvc", "plots", "show", "--json"], root, env, stdout_only=True))["data"]
+    declared = [next(iter(e)) for e in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] if isinstance(e, dict)]
+    overlays = {f"reports/figures/overlays/{p.name}" for p in (root / "reports/figures/overlays").glob("*.png")}
+    assert overlays and set(shown) == set(declared) | overlays
+    titles = {k: v[0]["content"]["title"]["text"] for k, v in shown.items() if k in declared}
+    assert titles["roc"] == "ROC curve (pooled FOV pixels)" and len(set(titles.values())) == len(declared)
+
+
+@pytest.mark.skipif(not (SHARED / "DRIVE").is_dir(), reason="needs ../shared/datasets/DRIVE (licensed, not in git)")
+def test_drive_in_one_dvc_exp_run(repo: tuple[Path, dict[str, str]]) -> None:
+    """`dvc exp run -S dataset=drive` as the README types it, plus a tiny training budget."""
+    root, env = repo
+    budget = ["-S", "train.epochs=1", "-S", "patches.per_image=16", "-S", "patches.val_per_image=8",
+              "-S", "train.max_minutes=2", "-S", "evaluate.n_overlays=1"]
+    out = _run(["dvc", "exp", "run", "-n", "drive-tiny", "-S", "dataset=drive", *budget], root, env)
+    assert {"download", "prepare", "patches", "train", "predict", "evaluate"} <= set(re.findall(r"Running stage '(\w+)'", out))
+    params = (root / "params.yaml").read_text()
+    assert "dataset: drive" in params and "source: ../shared/datasets/DRIVE" in params and "gamma: 1.2" in params
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["test"]["n_images"] == 20 and 0.0 < metrics["test"]["auc_roc"] <= 1.0
+    shown = _run(["dvc", "exp", "show", "--md"], root, env)
+    assert "drive-tiny" in shown
+
+
+def _failed(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    import subprocess
+
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, res.stdout[-2000:]
+    return res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(("override", "first_line"), [
+    ("dataset=drivee", "ERROR: unexpected error - In 'config': Could not find 'dataset/drivee'"),
+    ("recipe=knnn", "ERROR: unexpected error - In 'config': Could not find 'recipe/knnn'"),
+], ids=["unknown-dataset", "unknown-recipe"])
+def test_unknown_name_stops_dvc_exp_run_before_any_stage(repo: tuple[Path, dict[str, str]], override: str,
+                                                         first_line: str) -> None:
+    """Hydra refuses the composition before DVC touches params.yaml or runs a stage.
+    DVC prints its first line as below, then Hydra's list of valid names."""
+    root, env = repo
+    before = (root / "params.yaml").read_bytes()
+    out = _failed(["dvc", "exp", "run", "-S", override], root, env)
+    assert out.strip().splitlines()[0] == first_line, out
+    assert "Running stage" not in out and (root / "params.yaml").read_bytes() == before
+
+
+def test_missing_source_stops_the_download_stage_in_one_line(repo: tuple[Path, dict[str, str]]) -> None:
+    """The first stage refuses a data.source that does not exist before reading anything:
+    one `error:` line, nothing else run.  (DVC itself removed data/raw before the stage
+    started, as `dvc repro` does for every stage it runs; `dvc checkout` restores it.)"""
+    root, env = repo
+    out = _failed(["dvc", "exp", "run", "-S", "dataset=drive", "-S", "data.source=/nonexistent/DRIVE"], root, env)
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: data.source: /nonexistent/DRIVE does not exist"), out
+    assert re.findall(r"Running stage '(\w+)'", out) == ["download"] and "Traceback" not in out
+    _run(["git", "checkout", "--", "params.yaml"], root, env)
+    _run(["dvc", "checkout", "--force"], root, env)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.test_pipeline_e2e import TINY
-from vesselseg import scratch
+from tools import scratch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

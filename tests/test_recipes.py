@@ -1,4 +1,6 @@
-"""Recipes: files valid against the schema, -S arguments that DVC reads back, the table, the benchmark."""
+"""Recipes and datasets as Hydra config groups: every file composes and validates, unknown
+names and missing sources stop in one line, `recipes run` drives a real `dvc exp run`, the
+table, the benchmark."""
 
 from __future__ import annotations
 
@@ -15,111 +17,90 @@ import yaml
 from click.testing import CliRunner
 
 from vesselseg.errors import ParamsError
-from vesselseg.params import flatten, parse_params
+from vesselseg.params import parse_params
 from vesselseg.recipes import (
-    dvc_set_args,
-    hydra_value,
+    compose,
+    list_choices,
     list_recipes,
     load_recipe,
-    merge_params,
     recipe_rows_from_mlflow,
     recipes,
     render_table,
     run_recipe,
+    write_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+CONF = ROOT / "conf"
 ISSUE_4 = {
     "patches-unet3": "unet", "unet-valid": "unet", "octa-unet4": "unet", "unet5-onecycle": "unet",
     "knn": "knn", "vesselness": "vesselness", "resnet-patch": "resnet_patch", "ipn": "ipn",
 }
 
 
-def _workspace_params() -> dict:
-    """The working tree's params.yaml: the one that matches the schema these tests import
-    (HEAD's may lag behind a schema change that is not committed yet)."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def _apply_like_dvc(params_file: Path, args: list[str]) -> None:
-    """What `dvc exp run -S` does to params.yaml (DVC's own function, Hydra's grammar)."""
-    from dvc.utils.hydra import apply_overrides
-
-    values = [a for a in args if a != "-S"]
-    apply_overrides(str(params_file), values)
-
-
 def test_every_issue_recipe_exists_validates_and_is_described() -> None:
-    found = {r.name: r for r in list_recipes(RECIPES)}
-    assert set(found) == set(ISSUE_4)
-    for base in (_workspace_params(), {}):  # over the project's params and over the schema defaults
-        for name, model_name in ISSUE_4.items():
-            tree = load_recipe(name, RECIPES)
-            assert tree["recipe"] == name
-            params = parse_params(merge_params(base, tree), f"{name} over params.yaml")
-            assert params.recipe == name and params.model.name == model_name
-            assert len(found[name].description) > 40 and not found[name].description.startswith("#")
-    ipn = parse_params(merge_params(_workspace_params(), load_recipe("ipn", RECIPES)))
+    found = {r.name: r for r in list_recipes(CONF)}
+    assert set(found) == {*ISSUE_4, "default"}
+    for name, model_name in ISSUE_4.items():
+        assert load_recipe(name, CONF)["recipe"] == name
+        params = parse_params(compose([f"recipe={name}"], root=CONF))
+        assert params.recipe == name and params.model.name == model_name
+        assert len(found[name].description) > 40 and "@package" not in found[name].description
+    ipn = parse_params(compose(["recipe=ipn"], root=CONF))
     assert ipn.prepare.volumes and ipn.data.dataset == "synthetic"
-    two = parse_params(merge_params(_workspace_params(), load_recipe("octa-unet4", RECIPES)))
+    two = parse_params(compose(["recipe=octa-unet4", "dataset=octa500-3m"], root=CONF))
     assert two.model.out_channels == 2 and two.train.loss == "ce" and two.train.scheduler == "step"
+    assert two.data.dataset == "octa500" and two.patches.size == 64  # the recipe wins over the dataset
+
+
+def _conf_copy(tmp_path: Path) -> Path:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    return conf
 
 
 def test_bad_recipes_are_refused_with_the_key_or_the_valid_names(tmp_path: Path) -> None:
-    (tmp_path / "typo.yaml").write_text("# a typo\nrecipe: typo\ntrain:\n  lrr: 0.1\n")
-    (tmp_path / "wrongname.yaml").write_text("recipe: other\n")
-    (tmp_path / "range.yaml").write_text("recipe: range\nmodel:\n  dropout: 1.5\n")
-    with pytest.raises(ParamsError, match=r"typo\.yaml: train\.lrr: unknown key"):
-        load_recipe("typo", tmp_path)
+    conf = _conf_copy(tmp_path)
+    (conf / "recipe" / "typo.yaml").write_text("# @package _global_\n# a typo\nrecipe: typo\ntrain:\n  lrr: 0.1\n")
+    (conf / "recipe" / "wrongname.yaml").write_text("# @package _global_\nrecipe: other\n")
+    (conf / "recipe" / "range.yaml").write_text("# @package _global_\nrecipe: range\nmodel:\n  dropout: 1.5\n")
+    with pytest.raises(ParamsError, match=r"recipe=typo: train\.lrr: unknown key"):
+        compose(["recipe=typo"], root=conf)
     with pytest.raises(ParamsError, match="must set `recipe: wrongname`"):
-        load_recipe("wrongname", tmp_path)
+        load_recipe("wrongname", conf)
     with pytest.raises(ParamsError, match=r"model\.dropout"):
-        load_recipe("range", tmp_path)
+        compose(["recipe=range"], root=conf)
     with pytest.raises(ParamsError, match=r"unknown recipe 'vesselnes'.*valid: .*knn.*did you mean 'vesselness'"):
-        load_recipe("vesselnes", RECIPES)
+        load_recipe("vesselnes", CONF)
 
 
-def test_merge_params_is_deep_and_does_not_mutate() -> None:
-    base = {"a": {"b": 1, "c": [1, 2]}, "d": 3}
-    out = merge_params(base, {"a": {"c": [9]}, "e": {"f": None}})
-    assert out == {"a": {"b": 1, "c": [9]}, "d": 3, "e": {"f": None}}
-    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 3}
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dataset=drivee"], r"conf/dataset: unknown dataset 'drivee' \(valid: .*\); did you mean 'drive'\?"),
+        (["recipe=knnn"], r"conf/recipe: unknown recipe 'knnn' \(valid: .*\); did you mean 'knn'\?"),
+        (["recipe=knn,nope"], r"unknown recipe 'nope'"),  # a sweep: every choice is checked
+        (["train.lrr=1"], r"Could not override 'train\.lrr'"),
+        (["train.lr=-1"], r"train\.lr: Input should be greater than 0"),
+    ],
+    ids=["unknown-dataset", "unknown-recipe", "unknown-in-sweep", "unknown-key", "bad-value"],
+)
+def test_compose_refuses_in_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ParamsError, match=message) as info:
+        compose(overrides, root=CONF)
+    assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", sorted(ISSUE_4))
-def test_dvc_set_args_round_trip_through_dvcs_parser(tmp_path: Path, name: str) -> None:
-    base = _workspace_params()
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(base, sort_keys=False))
-    recipe = load_recipe(name, RECIPES)
-    args = dvc_set_args(recipe)
-    assert args[::2] == ["-S"] * (len(args) // 2) and len(args) == 2 * len(flatten(recipe))
-    _apply_like_dvc(params_file, args)
-    got = yaml.safe_load(params_file.read_text())
-    assert parse_params(got) == parse_params(merge_params(base, recipe))
-    flat = flatten(got)
-    for key, value in flatten(recipe).items():
-        assert flat[key] == value, key
-
-
-def test_hydra_values_survive_awkward_values(tmp_path: Path) -> None:
-    tree = {"data": {"source": "/a b/c:d", "octa500": {"projection": "OCTA(ILM_OPL)", "label": "true"},
-                     "folder": {"images": "1e-4", "labels": None, "fov": "it's"}},
-            "prepare": {"slab": None}, "model": {"knn": {"k_grid": [1, 3]}, "vesselness": {"sigmas": [0.5, 2.0]}},
-            "train": {"lr": 1e-05, "amp": False}}
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_workspace_params()))
-    _apply_like_dvc(params_file, dvc_set_args(tree))
-    flat = flatten(yaml.safe_load(params_file.read_text()))
-    for key, value in flatten(tree).items():
-        if key == "train.lr":
-            # DVC writes YAML 1.2 ("1e-05"), which PyYAML (YAML 1.1) reads as a string;
-            # the schema coerces it back to the float
-            assert float(flat[key]) == value and parse_params({"train": {"lr": flat[key]}}).train.lr == value
-            continue
-        assert flat[key] == value and type(flat[key]) is type(value), (key, flat[key])
-    assert hydra_value("knn") == "knn" and hydra_value("true") == "'true'" and hydra_value(None) == "null"
+def test_every_dataset_config_composes_and_names_its_adapter() -> None:
+    names = {c.name: c for c in list_choices("dataset", CONF)}
+    assert {"synthetic", "synthetic-fundus", "drive", "octa500-3m", "stare", "chase_db1", "hrf", "folder"} <= set(names)
+    for name, choice in names.items():
+        params = parse_params(compose([f"dataset={name}"], root=CONF))
+        adapter = "octa500" if name.startswith("octa500") else name
+        assert params.data.dataset == adapter and params.recipe == "default", name
+        assert choice.path.read_text().startswith("# @package _global_\n") and len(choice.description) > 40, name
+    assert parse_params(compose(["dataset=hrf"], root=CONF)).prepare.scale == 0.5
+    assert parse_params(compose(["dataset=octa500-6m"], root=CONF)).data.octa500.subset == "6M"
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -129,13 +110,14 @@ def _git(repo: Path, *args: str) -> None:
 
 @pytest.fixture
 def git_repo(tmp_path: Path) -> Path:
-    """A git repository whose committed params.yaml is the project's current one."""
+    """A git repository with the project's conf/ and its composed params.yaml."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "params.yaml").write_text(yaml.safe_dump(_workspace_params(), sort_keys=False))
+    shutil.copytree(CONF, repo / "conf")
+    write_params(repo / "params.yaml", root=repo)
     (repo / "dvc.yaml").write_text(
         "stages:\n  echo:\n    cmd: python -c \"import shutil; shutil.copy('params.yaml', 'seen.yaml')\"\n"
-        "    params: [recipe, model, train]\n    outs:\n      - seen.yaml:\n          cache: false\n"
+        "    params: [recipe, data, model, train]\n    outs:\n      - seen.yaml:\n          cache: false\n"
     )
     (repo / ".gitignore").write_text("seen.yaml\n")
     _git(repo, "init", "-q")
@@ -146,30 +128,34 @@ def git_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def dvc_repo(git_repo: Path) -> Path:
-    """The same repository with DVC initialised: `dvc exp run` works in it."""
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=git_repo, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=git_repo, check=True)
+    """The same repository with DVC initialised and Hydra composition on: `dvc exp run` works in it."""
+    for args in (["init", "-q"], ["config", "core.analytics", "false"], ["config", "hydra.enabled", "true"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=git_repo, check=True, capture_output=True)
     _git(git_repo, "add", "-A")
     _git(git_repo, "commit", "-q", "-m", "dvc init")
     return git_repo
 
 
-def test_run_recipe_with_a_real_dvc_exp_run(dvc_repo: Path) -> None:
+@pytest.mark.timeout(240)
+def test_run_recipe_with_a_real_dvc_exp_run_leaves_no_leftovers(dvc_repo: Path, tmp_path: Path) -> None:
     params = dvc_repo / "params.yaml"
-    committed = yaml.safe_load(params.read_text())
-    # leftovers of an earlier workspace experiment: a key the recipe does not set
-    dirty = merge_params(committed, {"train": {"lr": 0.5}, "patches": {"size": 40}})
-    del dirty["model"]["vesselness"]["black_ridges"]  # a key the workspace file lacks: set with ++
+    source = tmp_path / "my data (v2)"
+    source.mkdir()
+    # leftovers of an earlier workspace experiment that the recipe does not set: Hydra
+    # recomposes params.yaml from conf/, so they vanish without any reset of ours
+    dirty = yaml.safe_load(params.read_text())
+    dirty["train"]["lr"] = 0.5
+    dirty["patches"]["size"] = 40
     params.write_text(yaml.safe_dump(dirty, sort_keys=False))
-    extra = ["model.vesselness.sigmas=[2.0]", "data.source=/x y/a:b"]
-    argv = run_recipe("vesselness", repo=dvc_repo, recipes_root=RECIPES, extra_sets=extra)
+    extra = ["model.vesselness.sigmas=[2.0]", f"data.source='{source}'"]
+    argv = run_recipe("vesselness", dataset="synthetic-fundus", repo=dvc_repo, extra_sets=extra)
     assert argv[:4] == ["dvc", "exp", "run", "-n"] and argv[4].startswith("vesselness-")
-    assert "++model.vesselness.black_ridges=true" in argv and "train.lr=0.001" in argv
-    expected = merge_params(committed, load_recipe("vesselness", RECIPES))
-    expected["model"]["vesselness"]["sigmas"] = [2.0]
-    expected["data"]["source"] = "/x y/a:b"
-    assert parse_params(yaml.safe_load(params.read_text())) == parse_params(expected)
-    assert parse_params(yaml.safe_load((dvc_repo / "seen.yaml").read_text())) == parse_params(expected)
+    assert argv[5:] == ["-S", "recipe=vesselness", "-S", "dataset=synthetic-fundus", "-S", extra[0], "-S", extra[1]]
+    expected = parse_params(compose(["recipe=vesselness", "dataset=synthetic-fundus", *extra], root=dvc_repo))
+    assert expected.train.lr == 0.001 and expected.model.vesselness.sigmas == (2.0,)
+    assert expected.data.source == str(source)
+    assert parse_params(yaml.safe_load(params.read_text())) == expected
+    assert parse_params(yaml.safe_load((dvc_repo / "seen.yaml").read_text())) == expected
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=dvc_repo,
                            capture_output=True, text=True, check=True).stdout
     assert argv[4] in shown.split()
@@ -177,17 +163,38 @@ def test_run_recipe_with_a_real_dvc_exp_run(dvc_repo: Path) -> None:
 
 def test_cli_dry_run_prints_the_command_and_checks_params_first(git_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(git_repo)
-    shutil.copytree(RECIPES, git_repo / "recipes")
     runner = CliRunner()
     res = runner.invoke(recipes, ["run", "knn", "--queue", "--dry-run", "-S", "train.epochs=2"])
     assert res.exit_code == 0, res.output
     line = res.output.strip().splitlines()[-1]
-    assert line.startswith("dvc exp run -n knn-") and " --queue " in line
-    assert "-S model.name=knn" in line and "-S train.epochs=2" in line and "'model.knn.k_grid=[3, 5, 7, 9]'" in line
-    res = runner.invoke(recipes, ["run", "knn", "--dry-run", "-S", "train.epochz=2"])
-    assert isinstance(res.exception, ParamsError) and "train.epochz" in str(res.exception)
+    assert line.startswith("dvc exp run -n knn-") and line.endswith(" --queue -S recipe=knn -S train.epochs=2")
+    res = runner.invoke(recipes, ["run", "knn", "--dry-run", "-S", "train.epochs=0"])
+    assert isinstance(res.exception, ParamsError) and "train.epochs" in str(res.exception)
     res = runner.invoke(recipes, ["list"])
-    assert res.exit_code == 0 and len(res.output.strip().splitlines()) == len(ISSUE_4)
+    assert res.exit_code == 0 and all(f"  {name} " in res.output for name in ISSUE_4)
+    res = runner.invoke(recipes, ["show", "knn"])
+    assert res.exit_code == 0 and res.output.rstrip().endswith("dvc exp run -S recipe=knn")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["knn", "--dataset", "drivee"], "error: {conf}/dataset: unknown dataset 'drivee' (valid: "),
+        (["knnn"], "error: {conf}/recipe: unknown recipe 'knnn' (valid: "),
+        (["knn", "--dataset", "drive", "-S", "data.source=/nonexistent/DRIVE"],
+         "error: data.source: /nonexistent/DRIVE does not exist"),
+    ],
+    ids=["unknown-dataset", "unknown-recipe", "missing-source"],
+)
+def test_recipes_run_stops_in_one_line_before_any_work(git_repo: Path, args: list[str], message: str) -> None:
+    """Exit 1, one line on stderr, and no DVC call: the command is checked before it starts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, "-m", "vesselseg.cli", "recipes", "run", *args], cwd=git_repo, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(conf=git_repo / "conf")), res.stderr
+    assert res.stdout == ""  # the dvc command is printed only once every check passed
 
 
 def test_table_from_mlflow_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,17 +242,16 @@ def _load_benchmark():
 @pytest.mark.timeout(240)
 def test_benchmark_on_a_tiny_config_keeps_failed_rows(tmp_path: Path) -> None:
     bench = _load_benchmark()
-    rdir = tmp_path / "recipes"
-    rdir.mkdir()
-    shutil.copy(RECIPES / "vesselness.yaml", rdir)
+    conf = _conf_copy(tmp_path)
     # valid for the schema, fails at run time (in the data stage: the cheapest child process to fail)
-    (rdir / "broken.yaml").write_text("# fails in download\nrecipe: broken\ndata:\n  dataset: folder\n"
-                                      "  folder:\n    images: /nonexistent/*.png\nmodel:\n  name: vesselness\n")
+    (conf / "recipe" / "broken.yaml").write_text(
+        "# @package _global_\n# fails in download\nrecipe: broken\ndata:\n  dataset: folder\n"
+        "  folder:\n    images: /nonexistent/*.png\nmodel:\n  name: vesselness\n")
     out = tmp_path / "recipes.md"
     code = bench.main([
-        "--recipes-dir", str(rdir), "--dataset", "synthetic-fundus", "--source", "", "--workdir", str(tmp_path / "w"),
-        "--out", str(out), "--cap-minutes", "3", "-S", "data.synthetic_fundus.n_images=5",
-        "-S", "data.synthetic_fundus.size=48", "-S", "evaluate.n_overlays=0",
+        "--conf-dir", str(conf), "--recipes", "vesselness", "broken", "--dataset", "synthetic-fundus",
+        "--workdir", str(tmp_path / "w"), "--out", str(out), "--cap-minutes", "3",
+        "-S", "data.synthetic_fundus.n_images=5", "-S", "data.synthetic_fundus.size=48", "-S", "evaluate.n_overlays=0",
     ])
     assert code == 0
     lines = [ln for ln in out.read_text().splitlines() if ln.startswith("|")]

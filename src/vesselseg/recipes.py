@@ -1,23 +1,24 @@
-"""Named recipes: partial params files under ``recipes/`` applied with ``dvc exp run -S``.
+"""Datasets and recipes as DVC experiments, composed by DVC's Hydra integration.
 
-A recipe is a partial ``params.yaml`` (same nesting) that sets ``recipe: <name>`` and
-only the keys the recipe defines; its leading comment is its description.  Running
-one is one DVC experiment, so it goes through the same stages and lands in the same
-metric files (and MLflow runs, tagged ``recipe``) as every other run::
+``conf/config.yaml`` holds every setting with its comment; ``conf/dataset/<name>.yaml``
+and ``conf/recipe/<name>.yaml`` are partial files of the same nesting (``# @package
+_global_``) chosen by its defaults list.  With ``hydra.enabled`` in ``.dvc/config``,
+each ``dvc exp run`` composes *config + dataset + recipe + -S overrides* and writes the
+result over ``params.yaml``; ``dvc repro`` runs on ``params.yaml`` as it is, which is
+committed equal to the composition of the defaults (``tests/test_conf.py``)::
 
-    vesselseg recipes list
-    vesselseg recipes show knn
-    vesselseg recipes run knn [--queue] [-S train.epochs=2] [--dry-run]
-    vesselseg recipes table [--out reports/recipes.md]
+    dvc exp run -S dataset=drive -S recipe=octa-unet4 -S train.lr=3e-4
+    vesselseg recipes list | show knn | run knn [--dataset drive] [--queue] [-S k=v]
+    vesselseg recipes compose [-S dataset=drive]     # rewrite params.yaml for `dvc repro`
+    vesselseg recipes table
 
-Why ``-S`` rather than copying the file over ``params.yaml``: ``dvc exp run -S``
-records the changed params in the experiment itself (``dvc exp show`` lists them),
-keeps ``params.yaml``'s comments, and works with ``--queue``, whose runs are built
-from the committed tree plus the workspace changes.  Because the workspace
-``params.yaml`` may still hold the params of the previous workspace experiment, a
-run also resets every key that differs from the committed ``params.yaml`` and that
-the recipe does not set: each recipe runs on *committed params + recipe*, never on
-the leftovers of another recipe.
+Why Hydra rather than our own overlay: a DVC user already types ``-S``; Hydra makes
+``-S dataset=drive`` a choice of a whole file and recomposes from ``conf/`` on every
+run, so an experiment never inherits the leftovers of the previous one (the old
+overlay reset such keys by hand).  What this module adds is checking before any
+work: :func:`compose` refuses an unknown dataset or recipe with one line naming the
+valid ones (Hydra's own message spans a dozen lines) and validates the result against
+the schema; ``vesselseg recipes run`` calls it before DVC.
 
 The table is built from MLflow, not from ``dvc exp show --json``: every stage run
 (workspace, ``--temp`` or queued) logs to the one store at the repository root with
@@ -38,7 +39,7 @@ import secrets
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,27 +49,38 @@ import yaml
 
 from vesselseg import atomic
 from vesselseg.errors import ParamsError, VesselsegError
-from vesselseg.params import flatten, parse_params, set_dotted
+from vesselseg.params import parse_params
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "COMMANDS",
-    "Recipe",
+    "GROUPS",
+    "Choice",
     "RecipeRow",
-    "base_params",
-    "dvc_set_args",
-    "hydra_value",
+    "check_source",
+    "compose",
+    "conf_dir",
+    "experiment_argv",
+    "list_choices",
     "list_recipes",
     "load_recipe",
-    "merge_params",
+    "params_text",
     "recipe_rows_from_mlflow",
     "recipes",
     "render_table",
     "run_recipe",
+    "write_params",
 ]
 
-RECIPES_DIRNAME = "recipes"
+CONF_DIRNAME = "conf"
+CONFIG_NAME = "config"
+GROUPS = ("dataset", "recipe")
+PARAMS_HEADER = (
+    "# GENERATED from conf/ (config.yaml + dataset + recipe) by DVC's Hydra composition:\n"
+    "# every `dvc exp run` rewrites this file, and `vesselseg recipes compose` does for\n"
+    "# `dvc repro`.  Edit the commented settings in conf/, not here.\n"
+)
 # metric columns of the table: (header, key in the flattened evaluate metrics)
 TABLE_METRICS = (
     ("test dice", "test.dice"),
@@ -83,205 +95,154 @@ TABLE_METRICS = (
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Choice:
+    """One file of a config group: ``conf/<group>/<name>.yaml`` and its leading comment."""
+
+    group: str
     name: str
     description: str
     path: Path
 
 
-def recipes_dir(root: Path | str | None = None) -> Path:
-    """``root`` itself when it holds recipe files, else ``<root or repo root>/recipes``."""
-    if root is not None:
-        root = Path(root)
-        return root / RECIPES_DIRNAME if (root / RECIPES_DIRNAME).is_dir() else root
-    from vesselseg.paths import repo_root
+def conf_dir(root: Path | str | None = None) -> Path:
+    """``<root>/conf`` (``root`` itself when it is a conf folder); default: the repository's."""
+    if root is None:
+        from vesselseg.paths import repo_root
 
-    return repo_root() / RECIPES_DIRNAME
+        root = repo_root()
+    root = Path(root)
+    return root if (root / f"{CONFIG_NAME}.yaml").is_file() else root / CONF_DIRNAME
 
 
 def _description(text: str) -> str:
-    """The leading ``#`` comment block, joined into one paragraph."""
+    """The leading ``#`` comment block without Hydra's ``@package`` line, as one paragraph."""
     lines = []
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped.startswith("#"):
             break
-        lines.append(stripped.lstrip("#").strip())
+        body = stripped.lstrip("#").strip()
+        if not body.startswith("@package"):
+            lines.append(body)
     return " ".join(x for x in lines if x)
 
 
-def list_recipes(root: Path | str | None = None) -> list[Recipe]:
-    """Every ``<name>.yaml`` under the recipes folder, sorted by name."""
-    folder = recipes_dir(root)
+def list_choices(group: str, root: Path | str | None = None) -> list[Choice]:
+    """Every ``conf/<group>/*.yaml``, sorted by name."""
+    folder = conf_dir(root) / group
     if not folder.is_dir():
-        raise ParamsError(f"{folder}: recipes folder not found")
-    out = []
-    for path in sorted(folder.glob("*.yaml")):
-        out.append(Recipe(path.stem, _description(path.read_text(encoding="utf-8")), path))
-    return out
+        raise ParamsError(f"{folder}: config group folder not found")
+    return [
+        Choice(group, p.stem, _description(p.read_text(encoding="utf-8")), p) for p in sorted(folder.glob("*.yaml"))
+    ]
+
+
+def list_recipes(root: Path | str | None = None) -> list[Choice]:
+    return list_choices("recipe", root)
+
+
+def _unknown(group: str, name: str, known: Sequence[str], folder: Path) -> ParamsError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ParamsError(f"{folder}: unknown {group} {name!r} (valid: {', '.join(known) or 'none'}){hint}")
+
+
+def _check_choices(overrides: Sequence[str], root: Path) -> None:
+    """Unknown ``dataset=``/``recipe=`` names (sweeps too) fail here, in one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ParamsError(f"-S: {' '.join(str(err).split())}") from None
+    for ov in parsed:
+        group = ov.key_or_group
+        if group not in GROUPS:
+            continue
+        known = [c.name for c in list_choices(group, root)]
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+        for value in values:
+            if str(value) not in known:
+                raise _unknown(group, str(value), known, root / group)
+
+
+def compose(overrides: Sequence[str] = (), *, root: Path | str | None = None, validate: bool = True) -> dict[str, Any]:
+    """The params tree DVC writes for ``dvc exp run -S <overrides...>`` (same Hydra calls).
+
+    ``overrides`` are Hydra override strings (``dataset=drive``, ``train.lr=3e-4``,
+    ``++key=value``).  Raises ParamsError, in one line, for an unknown dataset or
+    recipe, an override Hydra refuses, or (``validate``) a result the schema refuses.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = conf_dir(root).resolve()
+    if not (folder / f"{CONFIG_NAME}.yaml").is_file():
+        raise ParamsError(f"{folder / (CONFIG_NAME + '.yaml')}: not found (run from the repository root)")
+    _check_choices(overrides, folder)
+    try:
+        with initialize_config_dir(str(folder), version_base=None):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ParamsError(f"{folder}: {' '.join(str(err).split())}") from None
+    container = OmegaConf.to_container(cfg)
+    if not isinstance(container, dict):
+        raise ParamsError(f"{folder / (CONFIG_NAME + '.yaml')}: the composition is not a mapping")
+    tree = {str(k): v for k, v in container.items()}
+    if validate:
+        parse_params(tree, f"{folder} + {' '.join(overrides) or 'defaults'}")
+    return tree
+
+
+def params_text(overrides: Sequence[str] = (), *, root: Path | str | None = None) -> str:
+    """``params.yaml`` as committed: the header, then exactly what DVC's composition writes."""
+    from omegaconf import OmegaConf
+
+    return PARAMS_HEADER + OmegaConf.to_yaml(OmegaConf.create(compose(overrides, root=root)))
+
+
+def write_params(path: Path | str, overrides: Sequence[str] = (), *, root: Path | str | None = None) -> Path:
+    """Compose and write ``params.yaml`` atomically (``vesselseg recipes compose``)."""
+    path = Path(path)
+    atomic.write_text(path, params_text(overrides, root=root))
+    return path
+
+
+def check_source(tree: dict[str, Any], base: Path | str) -> None:
+    """A ``data.source`` that names missing paths (relative to ``base``) fails in one line.
+
+    The download stage refuses it too, but only once DVC runs; commands that start a
+    run (``recipes run``, benchmarks) call this first, so nothing is queued in vain.
+    """
+    source = (tree.get("data") or {}).get("source")
+    if source in (None, ""):
+        return
+    missing = [p for p in str(source).split(os.pathsep) if p.strip() and not (Path(base) / Path(p).expanduser()).exists()]
+    if missing:
+        raise ParamsError(f"data.source: {', '.join(missing)} does not exist (relative paths are read from {base})")
 
 
 def load_recipe(name: str, root: Path | str | None = None) -> dict[str, Any]:
-    """The recipe's params tree, checked against the schema.
-
-    Raises ParamsError naming the valid recipes (with a did-you-mean) for an unknown
-    name, and the file and dotted key for a key or value the schema refuses.
-    """
-    folder = recipes_dir(root)
-    known = [r.name for r in list_recipes(folder)]
+    """Recipe ``name`` as a params tree of its own keys; unknown names fail with the valid ones."""
+    folder = conf_dir(root)
+    known = [c.name for c in list_recipes(folder)]
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ParamsError(f"unknown recipe {name!r} (valid: {', '.join(known) or 'none'}){hint}")
-    path = folder / f"{name}.yaml"
+        raise _unknown("recipe", name, known, folder / "recipe")
+    path = folder / "recipe" / f"{name}.yaml"
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: malformed YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: a recipe must be a mapping of params sections")
     if tree.get("recipe") != name:
         raise ParamsError(f"{path}: must set `recipe: {name}` (got {tree.get('recipe')!r})")
-    parse_params(tree, path)  # unknown keys and bad values fail here, naming the key
     return tree
-
-
-def merge_params(base: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else (lists too) is replaced."""
-    out: dict[str, Any] = {k: (merge_params(v, {}) if isinstance(v, Mapping) else v) for k, v in base.items()}
-    for key, value in recipe.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_params(out[key], value)
-        elif isinstance(value, Mapping):
-            out[key] = merge_params({}, value)
-        else:
-            out[key] = value
-    return out
-
-
-# strings Hydra reads back unchanged without quotes (and YAML too): names, paths, labels
-_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-./]*")
-_HYDRA_WORDS = {"true", "false", "null", "inf", "nan", "yes", "no", "on", "off", "y", "n", "none"}
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def hydra_value(value: Any) -> str:
-    """One value as text that DVC's ``-S`` parser (Hydra's override grammar) reads back as ``value``.
-
-    This is YAML flow style (``[1.5, 3.0]``, ``null``, ``true``, ``0.0001``); strings
-    other than plain names are single-quoted: unquoted, Hydra reads ``OCTA(ILM_OPL)``
-    as a function call, ``~`` as a syntax error, ``1e-4`` as a float and ``true`` as
-    a boolean.
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ParamsError(f"{value!r} cannot be passed with -S (not finite)")
-        return repr(value)
-    if isinstance(value, str):
-        bare = _BARE.fullmatch(value) and value.lower() not in _HYDRA_WORDS
-        return value if bare else _quote(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
-    raise ParamsError(f"{value!r} ({type(value).__name__}) cannot be passed with -S")
-
-
-def dvc_set_args(recipe: Mapping[str, Any]) -> list[str]:
-    """``["-S", "key=value", ...]`` for every leaf of ``recipe`` (dotted keys, sorted)."""
-    args: list[str] = []
-    for key, value in sorted(flatten(dict(recipe)).items()):
-        args += ["-S", f"{key}={hydra_value(value)}"]
-    return args
-
-
-def parse_sets(sets: Iterable[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", ...]`` -> ``{"train.lr": 0.0001}`` (values read as YAML)."""
-    out: dict[str, Any] = {}
-    for item in sets:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("+")
-        if not sep or not key:
-            raise ParamsError(f"-S {item!r}: expected key=value")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            raise ParamsError(f"-S {item!r}: the value is not valid YAML") from None
-    return out
-
-
-def _git_params(repo: Path) -> dict[str, Any] | None:
-    """``params.yaml`` as committed at HEAD, or None outside git / before a commit."""
-    try:
-        out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True, text=True, check=False)
-    except OSError:
-        return None
-    if out.returncode != 0:
-        return None
-    return yaml.safe_load(out.stdout) or {}
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found (run from the repository root)")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
-def base_params(repo: Path) -> dict[str, Any]:
-    """The params a recipe applies over: ``params.yaml`` as committed, else the workspace file."""
-    committed = _git_params(Path(repo))
-    if committed is None:
-        log.warning("no committed params.yaml at HEAD in %s: recipes apply over the workspace params.yaml", repo)
-        return _read_yaml(Path(repo) / "params.yaml")
-    return committed
-
-
-def experiment_args(
-    name: str,
-    *,
-    repo: Path,
-    extra_sets: Sequence[str] = (),
-    recipes_root: Path | None = None,
-) -> list[str]:
-    """The ``-S`` arguments that make ``params.yaml`` = committed params + recipe + extras.
-
-    Keys absent from the workspace ``params.yaml`` use Hydra's ``++`` (add or
-    override); keys the workspace changed but the recipe does not set are reset to
-    their committed value.  The target params are validated before DVC is called.
-    """
-    recipe = load_recipe(name, recipes_root)
-    extras = parse_sets(extra_sets)
-    workspace = _read_yaml(repo / "params.yaml")
-    committed = base_params(repo)
-    target = merge_params(committed, recipe)
-    for key, value in extras.items():
-        set_dotted(target, key, value)
-    parse_params(target, f"recipe {name} over params.yaml")
-    wanted = flatten(recipe)
-    wanted.update(extras)
-    base_flat, work_flat, target_flat = flatten(committed), flatten(workspace), flatten(target)
-    for key, value in work_flat.items():
-        if key in wanted:
-            continue
-        if key in base_flat:
-            if base_flat[key] != value:
-                wanted[key] = base_flat[key]
-        elif key not in target_flat:
-            log.warning("params.yaml: %s is not in the committed params; left as it is", key)
-    args: list[str] = []
-    for key in sorted(wanted):
-        prefix = "" if key in work_flat else "++"
-        args += ["-S", f"{prefix}{key}={hydra_value(wanted[key])}"]
-    return args
 
 
 def _dvc_env() -> dict[str, str]:
@@ -292,31 +253,50 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
-def run_recipe(
-    name: str,
+def experiment_argv(
+    recipe: str,
     *,
-    queue: bool = False,
+    dataset: str | None = None,
     extra_sets: Sequence[str] = (),
-    dry_run: bool = False,
+    queue: bool = False,
     repo: Path | None = None,
-    recipes_root: Path | None = None,
 ) -> list[str]:
-    """``dvc exp run -n <name>-<6 hex> [--queue] -S ...``: print it, then run it unless ``dry_run``.
+    """``dvc exp run -n <recipe>-<6 hex> [--queue] -S recipe=.. [-S dataset=..] [-S extra..]``, checked first.
 
-    The experiment name carries the recipe so ``dvc exp show`` and MLflow's
-    ``dvc_exp_name`` tag say which recipe made each run.  Returns the command.
+    The composition is validated (names, schema, ``data.source``) before anything runs;
+    the experiment name carries the recipe so ``dvc exp show`` and MLflow's
+    ``dvc_exp_name`` tag say which recipe made each run.
     """
     from vesselseg.paths import repo_root
 
     repo = Path(repo) if repo is not None else repo_root()
-    sets = experiment_args(name, repo=repo, extra_sets=extra_sets, recipes_root=recipes_root)
-    argv = ["dvc", "exp", "run", "-n", f"{name}-{secrets.token_hex(3)}", *(["--queue"] if queue else []), *sets]
+    overrides = [f"recipe={recipe}", *([f"dataset={dataset}"] if dataset else []), *extra_sets]
+    tree = compose(overrides, root=repo)
+    check_source(tree, repo)
+    sets = [x for o in overrides for x in ("-S", o)]
+    return ["dvc", "exp", "run", "-n", f"{recipe}-{secrets.token_hex(3)}", *(["--queue"] if queue else []), *sets]
+
+
+def run_recipe(
+    recipe: str,
+    *,
+    dataset: str | None = None,
+    queue: bool = False,
+    extra_sets: Sequence[str] = (),
+    dry_run: bool = False,
+    repo: Path | None = None,
+) -> list[str]:
+    """Print :func:`experiment_argv`'s command, then run it unless ``dry_run``; returns it."""
+    from vesselseg.paths import repo_root
+
+    repo = Path(repo) if repo is not None else repo_root()
+    argv = experiment_argv(recipe, dataset=dataset, extra_sets=extra_sets, queue=queue, repo=repo)
     click.echo(shlex.join(argv))
     if dry_run:
         return argv
     code = subprocess.run([sys.executable, "-m", "dvc", *argv[1:]], cwd=repo, env=_dvc_env(), check=False).returncode
     if code != 0:
-        raise VesselsegError(f"recipe {name}: `dvc exp run` exited with status {code} (see its output above)")
+        raise VesselsegError(f"recipe {recipe}: `dvc exp run` exited with status {code} (see its output above)")
     return argv
 
 
@@ -424,37 +404,55 @@ def write_table(rows: Sequence[RecipeRow], out: Path | None, title: str) -> str:
 
 @click.group("recipes")
 def recipes() -> None:
-    """Named experiments (recipes/*.yaml) run with `dvc exp run`, and their table."""
+    """Datasets and recipes (conf/dataset, conf/recipe) run as `dvc exp run` experiments, and their table."""
 
 
 @recipes.command("list")
 def list_cmd() -> None:
-    """Every recipe with its one-line description."""
-    for r in list_recipes():
-        summary = r.description.split(". ")[0].rstrip(".")
-        click.echo(f"{r.name:16s} {summary}")
+    """Every dataset and recipe with its one-line description."""
+    for group in GROUPS:
+        click.echo(f"{group}s (-S {group}=NAME):")
+        for c in list_choices(group):
+            summary = c.description.split(". ")[0].rstrip(".")
+            click.echo(f"  {c.name:16s} {summary}")
 
 
 @recipes.command("show")
 @click.argument("name")
-def show_cmd(name: str) -> None:
-    """The recipe's description, params and the -S arguments it becomes."""
-    tree = load_recipe(name)
-    path = recipes_dir() / f"{name}.yaml"
-    click.echo(path.read_text(encoding="utf-8").rstrip())
-    click.echo("\n# as dvc exp run arguments:")
-    click.echo(shlex.join(dvc_set_args(tree)))
+@click.option("--group", type=click.Choice(GROUPS), default="recipe", show_default=True)
+def show_cmd(name: str, group: str) -> None:
+    """The file of a recipe (or --group dataset) and the command that runs it."""
+    known = [c.name for c in list_choices(group)]
+    if name not in known:
+        raise _unknown(group, name, known, conf_dir() / group)
+    compose([f"{group}={name}"])  # schema errors surface here, not in the run
+    click.echo((conf_dir() / group / f"{name}.yaml").read_text(encoding="utf-8").rstrip())
+    click.echo("\n# run it:")
+    click.echo(shlex.join(["dvc", "exp", "run", "-S", f"{group}={name}"]))
 
 
 @recipes.command("run")
 @click.argument("name")
+@click.option("--dataset", default=None, help="Dataset config (conf/dataset/NAME.yaml); default: the config's.")
 @click.option("--queue", is_flag=True, help="Queue the experiment (start with `dvc queue start -j N`).")
 @click.option("-S", "--set-param", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Extra params over the recipe (YAML values), e.g. -S train.epochs=2.")
+              help="Extra Hydra overrides, e.g. -S train.epochs=2.")
 @click.option("--dry-run", is_flag=True, help="Print the dvc command without running it.")
-def run_cmd(name: str, queue: bool, sets: tuple[str, ...], dry_run: bool) -> None:
+def run_cmd(name: str, dataset: str | None, queue: bool, sets: tuple[str, ...], dry_run: bool) -> None:
     """Run recipe NAME as one DVC experiment named NAME-<id>."""
-    run_recipe(name, queue=queue, extra_sets=list(sets), dry_run=dry_run)
+    run_recipe(name, dataset=dataset, queue=queue, extra_sets=list(sets), dry_run=dry_run)
+
+
+@recipes.command("compose")
+@click.option("-S", "--set-param", "sets", multiple=True, metavar="OVERRIDE",
+              help="Hydra overrides, e.g. -S dataset=drive -S train.lr=3e-4.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: <repo>/params.yaml.")
+def compose_cmd(sets: tuple[str, ...], out: Path | None) -> None:
+    """Write params.yaml from conf/ (after editing conf/, before `dvc repro`)."""
+    from vesselseg.paths import repo_root
+
+    path = write_params(out or repo_root() / "params.yaml", list(sets))
+    log.info("wrote %s", path)
 
 
 @recipes.command("table")

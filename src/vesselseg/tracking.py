@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlparse
 
 import yaml
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "RunLogger",
     "TrackingError",
+    "artifact_location",
     "git_info",
     "pending_offline",
     "run_tags",
@@ -201,9 +203,30 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def artifact_location(uri: str, experiment: str, root: Path | None = None) -> str:
+    """Where the artifacts of an experiment we create go.
+
+    With an http(s) tracking URI: ``mlflow-artifacts:/<experiment>``, i.e. uploaded to
+    the server, which stores them in its ``--artifacts-destination``.  Why: a
+    ``file://`` location would make each client write artifacts onto its own disk,
+    where the server and every other client cannot read them.  Otherwise (the local
+    SQLite store): ``<repo root>/mlruns`` beside the database, outside any temp copy.
+    """
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"mlflow-artifacts:/{quote(experiment, safe='')}"
+    return artifact_root(root).as_uri()
+
+
 def _experiment_id(client: Any, name: str, artifact_location: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        served = artifact_location.startswith("mlflow-artifacts:")
+        if served and urlparse(exp.artifact_location).scheme in ("", "file"):
+            log.warning(
+                "MLflow experiment %r keeps its artifacts at %s (created by a client without the server's"
+                " artifact proxy); set tracking.experiment to a new name to send them through the server",
+                name, exp.artifact_location,
+            )
         return exp.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
@@ -356,7 +379,7 @@ class RunLogger:
         short = all_tags["git_commit"][:8]
         self._meta: dict[str, Any] = {
             "experiment": experiment,
-            "artifact_location": artifact_root(self.root).as_uri(),
+            "artifact_location": artifact_location(self.uri, experiment, self.root),
             "start_time": _now_ms(),
             "tags": all_tags,
             "run_name": run_name or f"{stage}-{all_tags.get('dvc_exp_name', short)}",
@@ -620,7 +643,7 @@ def sync_offline(uri: str | None = None, root: Path | None = None) -> int:
     for folder in journals:
         journal = _Journal(folder)
         try:
-            run_id = _resume_run(client, journal)
+            run_id = _resume_run(client, journal, artifact_location(uri, journal.meta["experiment"], root))
             for op_file in journal.pending():
                 _apply(client, run_id, json.loads(op_file.read_text()), base=folder)
                 op_file.unlink()
@@ -634,8 +657,10 @@ def sync_offline(uri: str | None = None, root: Path | None = None) -> int:
     return done
 
 
-def _resume_run(client: Any, journal: _Journal) -> str:
-    meta = journal.meta
+def _resume_run(client: Any, journal: _Journal, location: str) -> str:
+    """The journal's run on this server, or a new one; ``location``: the artifact location
+    for the replay target (the journal may have been recorded for another kind of URI)."""
+    meta = {**journal.meta, "artifact_location": location}
     run_id = meta.get("run_id")
     if run_id:
         with contextlib.suppress(Exception):

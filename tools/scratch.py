@@ -1,8 +1,16 @@
-"""Throwaway copies of this project as fresh DVC repositories.
+"""Throwaway copies of this project as fresh DVC repositories (test and benchmark support).
 
-The end-to-end test, the pipeline benchmark and the quality runs all need what a
+The end-to-end tests, the pipeline benchmark and the quality runs all need what a
 new user has: a clean git + DVC repository holding this project's pipeline, with
-some params changed.  They get it from here, so the three cannot drift apart.
+some params changed.  They get it from here, so they cannot drift apart.  It lives
+outside the package (``tools/``, imported by tests/ and benchmarks/ from the
+repository root) because users of vesselseg never need it.
+
+Two kinds of copy: :func:`make_project` copies the working tree's pipeline files and
+changes the *base* of the Hydra composition (``conf/config.yaml``), so both
+``dvc repro`` and ``dvc exp run -S ...`` see the changed settings; :func:`clone_project`
+is a ``git clone`` of a commit, as a new user gets it (committed ``dvc.lock`` and
+metrics included).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 
 import yaml
 
-PROJECT_FILES = ("dvc.yaml", "stages", "src", "pyproject.toml", ".gitignore", "recipes")
+PROJECT_FILES = ("dvc.yaml", "stages", "src", "pyproject.toml", ".gitignore", ".dvcignore", "conf")
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +61,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], *, stdout_only: bool = F
 
 
 def make_project(dest: Path, overrides: dict[str, Any], *, root: Path, env: dict[str, str]) -> Path:
-    """Copy the pipeline into ``dest``, apply ``overrides`` to params.yaml, git + dvc init, commit."""
+    """Copy the pipeline into ``dest`` with ``overrides`` merged into ``conf/config.yaml``; git + dvc init, commit.
+
+    The overrides change the base of the composition (not only ``params.yaml``):
+    with Hydra enabled, every ``dvc exp run`` recomposes ``params.yaml`` from
+    ``conf/``, so an override written to ``params.yaml`` alone would be lost there.
+    """
+    from vesselseg.recipes import write_params
+
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in PROJECT_FILES:
@@ -62,11 +77,24 @@ def make_project(dest: Path, overrides: dict[str, Any], *, root: Path, env: dict
             shutil.copytree(src, dest / name, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, dest / name)
-    params = merge(yaml.safe_load((root / "params.yaml").read_text()), overrides)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config = dest / "conf" / "config.yaml"
+    tree = yaml.safe_load(config.read_text())
+    defaults = tree.pop("defaults")
+    config.write_text(yaml.safe_dump({"defaults": defaults, **merge(tree, overrides)}, sort_keys=False))
+    write_params(dest / "params.yaml", root=dest)
     run(["git", "init", "-q", "-b", "main"], dest, env)
     run(["dvc", "init", "-q"], dest, env)
     run(["dvc", "config", "core.analytics", "false"], dest, env)
+    run(["dvc", "config", "hydra.enabled", "true"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "scratch project"], dest, env)
+    return dest
+
+
+def clone_project(dest: Path, *, root: Path, env: dict[str, str], rev: str = "HEAD") -> Path:
+    """``git clone`` of ``root`` checked out at ``rev``: exactly what a new user gets (no DVC cache)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run(["git", "clone", "-q", "--no-hardlinks", str(root), str(dest)], dest.parent, env)
+    commit = run(["git", "rev-parse", rev], root, env, stdout_only=True).strip()
+    run(["git", "checkout", "-q", commit], dest, env)
     return dest

@@ -1,0 +1,122 @@
+"""Turn a pipeline-trained model into a shipped pretrained model with its model card.
+
+    python scripts/make_pretrained.py fundus --run DIR [--name-in-card "..."]
+
+``DIR`` is a finished pipeline run (a project folder after ``dvc repro`` or ``dvc exp
+run``): its ``models/model.pt``, ``params.yaml``, ``reports/metrics.json`` and
+``reports/train/metrics.json``.  The model is copied to
+``src/vesselseg/pretrained/<name>.pt`` (with the preprocessing spec its params imply
+when the file predates the spec), and ``<name>.md`` is written from measured numbers
+only: the pipeline's validation and test metrics, and for ``fundus`` the 20 DRIVE
+test images through ``vesselseg segment`` with the official FOV masks (the line
+``tests/test_segment.py::test_shipped_fundus_model_reaches_its_model_card_on_drive``
+checks).  Nothing in a card is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DATA_TERMS = {
+    "fundus": ("DRIVE (Staal et al., IEEE TMI 2004): 20 training images (17 train, 3 validation), 20 test images. "
+               "Its terms allow research use and forbid redistribution of the images: this model is shipped, the "
+               "images are not."),
+    "octa": ("OCTA-500 3M (Li et al., Medical Image Analysis 2024), 2D projection maps: official split, 140 train "
+             "/ 10 validation. Research use; the images are not redistributed."),
+}
+
+
+def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
+    """Pooled FOV F1 and AUC of the 20 DRIVE test images through ``vesselseg segment``."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from vesselseg.segment import run_segment
+
+    images = sorted((drive_test / "images").glob("*_test.tif"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.monotonic()
+        run_segment(images, model=model, out_dir=Path(tmp), fov_dir=drive_test / "mask", backend="torch")
+        seconds = (time.monotonic() - t0) / len(images)
+        tp = fp = fn = 0
+        ys, ps = [], []
+        for img in images:
+            n = img.stem.split("_")[0]
+            pred = np.asarray(Image.open(Path(tmp) / f"{img.stem}_mask.png")) > 0
+            probs = np.asarray(Image.open(Path(tmp) / f"{img.stem}_probs.png")).astype(np.float64) / 65535.0
+            label = np.asarray(Image.open(drive_test / "1st_manual" / f"{n}_manual1.gif")) > 0
+            fov = np.asarray(Image.open(drive_test / "mask" / f"{n}_test_mask.gif")) > 0
+            tp += int((pred & label & fov).sum())
+            fp += int((pred & ~label & fov).sum())
+            fn += int((~pred & label & fov).sum())
+            ys.append(label[fov])
+            ps.append(probs[fov])
+    return {"f1": 2 * tp / (2 * tp + fp + fn), "auc": float(roc_auc_score(np.concatenate(ys), np.concatenate(ps))),
+            "seconds_per_image": seconds, "n": len(images)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", choices=sorted(DATA_TERMS))
+    ap.add_argument("--run", type=Path, required=True, help="a finished pipeline run (project folder)")
+    ap.add_argument("--reproduce", required=True, help="the command that reproduces the run (goes in the card)")
+    ap.add_argument("--drive", type=Path, default=ROOT.parent / "shared" / "datasets" / "DRIVE")
+    args = ap.parse_args()
+
+    from vesselseg.models import read_model_file
+    from vesselseg.segment import upgrade_model
+
+    dest = ROOT / "src" / "vesselseg" / "pretrained" / f"{args.name}.pt"
+    src = args.run / "models" / "model.pt"
+    if (read_model_file(src).get("extra") or {}).get("preprocessing") is None:
+        upgrade_model(src, args.run / "params.yaml", dest)
+    else:
+        shutil.copyfile(src, dest)
+    params = yaml.safe_load((args.run / "params.yaml").read_text())
+    metrics = json.loads((args.run / "reports" / "metrics.json").read_text())
+    train = json.loads((args.run / "reports" / "train" / "metrics.json").read_text())
+    lines = [f"# `{args.name}`: vesselseg pretrained model", "",
+             f"- file: `src/vesselseg/pretrained/{args.name}.pt` ({dest.stat().st_size / 1e6:.1f} MB), "
+             f"`vesselseg segment IMAGES --model {args.name}`",
+             f"- training data: {DATA_TERMS[args.name]}",
+             f"- model: `{params['model']['name']}`, {train.get('n_params')} parameters; best epoch "
+             f"{train.get('best_epoch')} of {train.get('epochs_run')} (picked on validation images only), "
+             f"{train.get('train_seconds')} s of training",
+             f"- reproduce: `{args.reproduce}`", "",
+             "## Pipeline metrics (FOV pooled, threshold 0.5)", "",
+             "| split | Dice/F1 | AUC | clDice | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    for split, v in metrics.items():
+        if isinstance(v, dict) and "dice" in v:
+            lines.append(f"| {split} | {v['dice']:.4f} | {v.get('auc_roc', float('nan')):.4f} | "
+                         f"{v.get('cldice', float('nan')):.4f} | {v.get('sensitivity', float('nan')):.4f} | "
+                         f"{v.get('specificity', float('nan')):.4f} |")
+    if args.name == "fundus":
+        s = _drive_segment_scores(dest, args.drive / "test")
+        lines += ["", "## Through `vesselseg segment` (the shipped file, official FOV masks)", "",
+                  f"DRIVE test F1 (FOV pooled, segment): {s['f1']:.4f}",
+                  "",
+                  f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, "
+                  f"{s['seconds_per_image']:.2f} s per image on the CPU ({time.strftime('%Y-%m-%d')}).",
+                  "", f"Command: `vesselseg segment {args.drive}/test/images --fov {args.drive}/test/mask "
+                  f"--model fundus --out OUT`"]
+    lines += ["", "## Recipe (params.yaml of the run)", "", "```yaml",
+              yaml.safe_dump({k: params[k] for k in ("prepare", "patches", "model", "train") if k in params},
+                             sort_keys=False).rstrip(), "```", ""]
+    dest.with_suffix(".md").write_text("\n".join(lines))
+    print(dest.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

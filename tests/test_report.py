@@ -335,6 +335,7 @@ def test_pr_workflow_calls_report() -> None:
     assert "pull_request" in triggers
     steps = [s for job in wf["jobs"].values() for s in job["steps"]]
     runs = "\n".join(s.get("run", "") for s in steps)
-    assert "vesselseg report --base origin/${{ github.base_ref }} --out pr-report" in runs
+    # the base ref goes through the environment, not a ${{ }} expression inside the script
+    assert 'vesselseg report --base "origin/${GITHUB_BASE_REF}" --out pr-report' in runs
     checkout = next(s for s in steps if str(s.get("uses", "")).startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0

@@ -70,3 +70,18 @@ def artifact_root(root: Path | None = None) -> Path:
 def offline_root(root: Path | None = None) -> Path:
     """``<root>/.mlflow-offline``: runs recorded while the tracking server was away."""
     return repo_root(root) / ".mlflow-offline"
+
+
+def git(repo: Path | str, *args: str, timeout: float = 30) -> str | None:
+    """stdout of ``git ARGS`` run in ``repo``, or None when git fails or is missing.
+
+    Tracking tags and the PR report both ask git and must go on without it (a tarball
+    of the project, a CI runner without history), so a failure is a value, not an error.
+    """
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 from vesselseg import atomic
 from vesselseg.errors import DataError
 from vesselseg.params import flatten
+from vesselseg.paths import git
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,8 @@ OVERLAYS = "reports/figures/overlays"
 HEADLINE = ("dice", "auc_roc", "sensitivity", "specificity", "cldice", "betti0_error", "betti1_error", "cal")
 
 
-def _git(repo: Path, *args: str) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout if res.returncode == 0 else None
-
-
 def _commit(repo: Path, rev: str) -> str | None:
-    out = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    out = git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     return out.strip() if out else None
 
 
@@ -76,7 +68,7 @@ class _Rev:
             file = self.repo / path
             text = file.read_text(encoding="utf-8") if file.is_file() else None
         elif self.sha:
-            text = _git(self.repo, "show", f"{self.sha}:{path}")
+            text = git(self.repo, "show", f"{self.sha}:{path}")
         else:
             text = None
         if text is None:
@@ -118,7 +110,7 @@ def default_base(repo: Path, new_sha: str | None, workspace: bool) -> tuple[str 
     head = _commit(repo, "HEAD")
     merge = ""
     for branch in ("main", "origin/main"):
-        merge = (_git(repo, "merge-base", "HEAD", branch) or "").strip()
+        merge = (git(repo, "merge-base", "HEAD", branch) or "").strip()
         if merge:
             break
     # The workspace against its own HEAD is a real comparison (an uncommitted run);
@@ -332,7 +324,7 @@ def build_report(
     runs of both commits are shown side by side.  Returns the markdown path.
     """
     repo = Path(repo).resolve()
-    top = _git(repo, "rev-parse", "--show-toplevel")
+    top = git(repo, "rev-parse", "--show-toplevel")
     if top is None:
         raise DataError(f"{repo}: not a git repository")
     repo = Path(top.strip())

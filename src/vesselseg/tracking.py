@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -38,7 +37,7 @@ import yaml
 
 from vesselseg import atomic
 from vesselseg.errors import DataError, VesselsegError
-from vesselseg.paths import artifact_root, default_tracking_uri, offline_root, repo_root
+from vesselseg.paths import artifact_root, default_tracking_uri, git, offline_root, repo_root
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -86,14 +85,6 @@ def _now_ms() -> int:
 # --------------------------------------------------------------------------- git
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout if res.returncode == 0 else None
-
-
 def _dvc_outputs(top: Path) -> set[str]:
     """Paths DVC stages write (outs/metrics/plots) plus dvc.lock.
 
@@ -128,11 +119,11 @@ def git_info(cwd: Path | None = None) -> tuple[str, bool]:
     Returns ``("unknown", False)`` outside a git repository.
     """
     cwd = Path(cwd or Path.cwd())
-    sha = _git(["rev-parse", "HEAD"], cwd)
+    sha = git(cwd, "rev-parse", "HEAD")
     if not sha:
         return "unknown", False
-    top = Path((_git(["rev-parse", "--show-toplevel"], cwd) or str(cwd)).strip())
-    status = _git(["status", "--porcelain=v1", "-z", "--untracked-files=no"], top) or ""
+    top = Path((git(cwd, "rev-parse", "--show-toplevel") or str(cwd)).strip())
+    status = git(top, "status", "--porcelain=v1", "-z", "--untracked-files=no") or ""
     outs = _dvc_outputs(top)
     dirty = False
     entries = status.split("\0")

@@ -251,6 +251,25 @@ class NetworkFamily(Family):
         )
 
 
+def patch_batches(
+    params: Params, patches: tuple[np.ndarray, np.ndarray, np.ndarray], *, rank: int, world: int, pin_memory: bool
+) -> Any:
+    """The seeded, augmented epoch batches of training patches (U-Net and ResNet patch families)."""
+    from vesselseg.training.batches import PatchBatches
+
+    t = params.train
+    return PatchBatches(
+        *patches,
+        batch_size=t.batch_size,
+        flip=t.flip,
+        rotate90=t.rotate90,
+        seed=params.seed,
+        rank=rank,
+        world=world,
+        pin_memory=pin_memory,
+    )
+
+
 def require_val_split(dataset: PreparedDataset) -> None:
     if not dataset.ids("val"):
         raise DataError(f"{dataset.root}/split.json: the validation split is empty (raise data.val_fraction)")

@@ -186,7 +186,6 @@ class ResNetPatchFamily(NetworkFamily):
 
     def load_data(self, job: TrainJob, *, rank: int, world: int, pin_memory: bool) -> TrainingData:
         from vesselseg.patches import load_patches
-        from vesselseg.training.batches import PatchBatches
 
         p = job.params
         tr_images, tr_labels, tr_fov = load_patches(job.patch_dir, "train")
@@ -195,18 +194,7 @@ class ResNetPatchFamily(NetworkFamily):
         base.require_channels("patches", 1 if tr_images.ndim == 3 else int(tr_images.shape[-1]), p.model)
         PreparedDataset(job.prepared_dir)  # fails early, naming split.json, when prepare has not run
         batches = CentreBatches(
-            PatchBatches(
-                tr_images,
-                tr_labels,
-                tr_fov,
-                batch_size=p.train.batch_size,
-                flip=p.train.flip,
-                rotate90=p.train.rotate90,
-                seed=p.seed,
-                rank=rank,
-                world=world,
-                pin_memory=pin_memory,
-            ),
+            base.patch_batches(p, (tr_images, tr_labels, tr_fov), rank=rank, world=world, pin_memory=pin_memory),
             size,
         )
         c = size // 2

@@ -27,6 +27,7 @@ from vesselseg.families.base import (
     TrainingData,
     TrainJob,
     check_image_channels,
+    patch_batches,
     pooled_scores,
     require_channels,
     require_val_split,
@@ -118,7 +119,6 @@ class UNetFamily(NetworkFamily):
 
     def load_data(self, job: TrainJob, *, rank: int, world: int, pin_memory: bool) -> TrainingData:
         from vesselseg.patches import load_patches
-        from vesselseg.training.batches import PatchBatches
 
         p = job.params
         tr_images, tr_labels, tr_fov = load_patches(job.patch_dir, "train")
@@ -126,18 +126,7 @@ class UNetFamily(NetworkFamily):
         require_channels("prepared images", 1 if tr_images.ndim == 3 else int(tr_images.shape[-1]), p.model)
         dataset = PreparedDataset(job.prepared_dir)
         require_val_split(dataset)
-        batches = PatchBatches(
-            tr_images,
-            tr_labels,
-            tr_fov,
-            batch_size=p.train.batch_size,
-            flip=p.train.flip,
-            rotate90=p.train.rotate90,
-            seed=p.seed,
-            rank=rank,
-            world=world,
-            pin_memory=pin_memory,
-        )
+        batches = patch_batches(p, (tr_images, tr_labels, tr_fov), rank=rank, world=world, pin_memory=pin_memory)
         return TrainingData(
             batches=batches,
             fingerprint={"n_train": len(tr_images), "n_val": len(va[0])},

@@ -35,18 +35,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Checks, geomean, header, interleaved, median, print_table  # noqa: E402
+from common import Checks, geomean, header, interleaved, median, print_table
 
-from vesselseg.device import set_threads, to_channels_last  # noqa: E402
-from vesselseg.inference.predict import predict_image  # noqa: E402
-from vesselseg.losses import build_loss  # noqa: E402
-from vesselseg.models import build_model  # noqa: E402
-from vesselseg.params import Params, parse_params  # noqa: E402
-from vesselseg.recipes import compose, list_choices  # noqa: E402
-from vesselseg.training.distributed import World  # noqa: E402
-from vesselseg.training.loop import Trainer  # noqa: E402
-from vesselseg.families.resnet_patch import predict_probability_map  # noqa: E402
-from vesselseg.families import network_config  # noqa: E402
+from vesselseg.device import set_threads, to_channels_last
+from vesselseg.families import network_config
+from vesselseg.families.resnet_patch import predict_probability_map
+from vesselseg.inference.predict import predict_image
+from vesselseg.losses import build_loss
+from vesselseg.models import build_model
+from vesselseg.params import Params, parse_params
+from vesselseg.recipes import compose, list_choices
+from vesselseg.training.distributed import World
+from vesselseg.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.0
@@ -59,8 +59,11 @@ def shipped_configs(quick: bool) -> list[tuple[str, Params]]:
     """(name, params) of the default composition, each conf/dataset and each conf/recipe, as DVC composes them."""
     choices = [("params.yaml", [])]
     choices += [(f"conf/dataset/{c.name}.yaml", [f"dataset={c.name}"]) for c in list_choices("dataset", ROOT)]
-    choices += [(f"conf/recipe/{c.name}.yaml", [f"recipe={c.name}"]) for c in list_choices("recipe", ROOT)
-                if c.name != "default"]
+    choices += [
+        (f"conf/recipe/{c.name}.yaml", [f"recipe={c.name}"])
+        for c in list_choices("recipe", ROOT)
+        if c.name != "default"
+    ]
     out, seen = [], set()
     for name, overrides in choices:
         if quick and name not in QUICK:
@@ -89,8 +92,16 @@ def train_step_fns(params: Params, seed: int) -> dict[str, Any]:
     fns = {}
     for label, cl in (("nchw", False), ("channels_last", True)):
         tp = params.train.model_copy(update={"channels_last": cl, "device": "cpu"})
-        trainer = Trainer(model=copy.deepcopy(net), model_config=cfg, loss_fn=build_loss(loss, dice_weight=tp.dice_weight),
-                          params=tp, seed=seed, device=torch.device("cpu"), world=World(), steps_per_epoch=10_000)
+        trainer = Trainer(
+            model=copy.deepcopy(net),
+            model_config=cfg,
+            loss_fn=build_loss(loss, dice_weight=tp.dice_weight),
+            params=tp,
+            seed=seed,
+            device=torch.device("cpu"),
+            world=World(),
+            steps_per_epoch=10_000,
+        )
         trainer.model.train()
         fns[label] = lambda t=trainer: t.train_step(x, y, m)
     return fns
@@ -112,13 +123,26 @@ def predict_fns(params: Params, seed: int) -> dict[str, Any]:
         used = cl and to_channels_last(model)
         if cfg.get("name") == "resnet_patch":
             size = params.patches.size
-            fns[label] = lambda m=model, u=used: predict_probability_map(
-                m, image[:128, :128], patch_size=size, stride=max(1, (pp.window or size) // 8), batch_size=pp.batch_size,
-                channels_last=u)
+            fns[label] = lambda m=model, u=used, im=image, s=size: predict_probability_map(
+                m,
+                im[:128, :128],
+                patch_size=s,
+                stride=max(1, (pp.window or s) // 8),
+                batch_size=pp.batch_size,
+                channels_last=u,
+            )
         else:
             fns[label] = lambda m=model, u=used: predict_image(
-                m, image, window=pp.window, overlap=pp.overlap, weighting=pp.weighting, batch_size=pp.batch_size,
-                device="cpu", amp=False, channels_last=u)
+                m,
+                image,
+                window=pp.window,
+                overlap=pp.overlap,
+                weighting=pp.weighting,
+                batch_size=pp.batch_size,
+                device="cpu",
+                amp=False,
+                channels_last=u,
+            )
     return fns
 
 
@@ -132,36 +156,66 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 3
     configs = shipped_configs(args.quick)
     threads = set_threads(configs[0][1].train.threads)
-    header("channels_last vs NCHW: training step and prediction", threads=threads,
-           timing=f"{args.repeats} rounds, both settings back to back in each, median of per-round ratios; "
-           f"{args.steps} training steps per timed run, 1 warm-up")
+    header(
+        "channels_last vs NCHW: training step and prediction",
+        threads=threads,
+        timing=f"{args.repeats} rounds, both settings back to back in each, median of per-round ratios; "
+        f"{args.steps} training steps per timed run, 1 warm-up",
+    )
 
     rows, checks_rows = [], []
     for name, params in configs:
         cfg = network_config(params.model)
         tf = train_step_fns(params, params.seed)
         steps = args.steps
-        t_train = interleaved({k: (lambda f=f: [f() for _ in range(steps)]) for k, f in tf.items()}, args.repeats, warmup=1)
+        t_train = interleaved(
+            {k: (lambda f=f, n=steps: [f() for _ in range(n)]) for k, f in tf.items()}, args.repeats, warmup=1
+        )
         t_pred = interleaved(predict_fns(params, params.seed), args.repeats, warmup=1)
-        r_train = median([c / n for c, n in zip(t_train["channels_last"], t_train["nchw"])])
-        r_pred = median([c / n for c, n in zip(t_pred["channels_last"], t_pred["nchw"])])
-        model = cfg["name"] if cfg["name"] != "unet" else f"unet d{cfg['depth']} b{cfg['base_channels']}"
-        rows.append([name, model, f"{params.train.batch_size}x{params.patches.size}px",
-                     1e3 * median(t_train["nchw"]) / steps, 1e3 * median(t_train["channels_last"]) / steps, r_train,
-                     median(t_pred["nchw"]), median(t_pred["channels_last"]), r_pred])
+        r_train = median([c / n for c, n in zip(t_train["channels_last"], t_train["nchw"], strict=True)])
+        r_pred = median([c / n for c, n in zip(t_pred["channels_last"], t_pred["nchw"], strict=True)])
+        shape = f" d{cfg['depth']} b{cfg['base_channels']}" if {"depth", "base_channels"} <= set(cfg) else ""
+        model = f"{cfg['name']}{shape}"
+        rows.append(
+            [
+                name,
+                model,
+                f"{params.train.batch_size}x{params.patches.size}px",
+                1e3 * median(t_train["nchw"]) / steps,
+                1e3 * median(t_train["channels_last"]) / steps,
+                r_train,
+                median(t_pred["nchw"]),
+                median(t_pred["channels_last"]),
+                r_pred,
+            ]
+        )
         checks_rows.append((name, r_train, r_pred))
         print(f"  {name}: train {r_train:.3f}, predict {r_pred:.3f}", flush=True)
 
     print()
-    print_table(["config", "model", "batch", "train ms (NCHW)", "train ms (CL)", "train CL/NCHW",
-                 "predict s (NCHW)", "predict s (CL)", "predict CL/NCHW"], rows)
+    print_table(
+        [
+            "config",
+            "model",
+            "batch",
+            "train ms (NCHW)",
+            "train ms (CL)",
+            "train CL/NCHW",
+            "predict s (NCHW)",
+            "predict s (CL)",
+            "predict CL/NCHW",
+        ],
+        rows,
+    )
     print()
     checks = Checks()
     for name, r_train, r_pred in checks_rows:
         checks.check(f"{name}: train step channels_last / NCHW", r_train, TARGET)
         checks.check(f"{name}: prediction channels_last / NCHW", r_pred, TARGET)
-    Checks.note(f"geometric mean over {len(checks_rows)} configs: train {geomean([r[1] for r in checks_rows]):.3f}, "
-                f"predict {geomean([r[2] for r in checks_rows]):.3f}")
+    Checks.note(
+        f"geometric mean over {len(checks_rows)} configs: train {geomean([r[1] for r in checks_rows]):.3f}, "
+        f"predict {geomean([r[2] for r in checks_rows]):.3f}"
+    )
     return checks.finish()
 
 

@@ -19,7 +19,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Checks", "format_table", "geomean", "header", "interleaved", "load_text", "median", "median_time", "print_table"]
+__all__ = [
+    "Checks",
+    "format_table",
+    "geomean",
+    "header",
+    "interleaved",
+    "load_text",
+    "median",
+    "median_time",
+    "print_table",
+]
 
 
 def load_text() -> str:
@@ -33,7 +43,7 @@ def load_text() -> str:
 
 def header(title: str, **facts: Any) -> None:
     """First lines of every benchmark: what, when, where, and how busy the machine is."""
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"== {title} ==")
     print(f"{now}; {platform.node()}; Python {platform.python_version()}; {load_text()}")
     for k, v in facts.items():
@@ -99,7 +109,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
 
     def line(vals: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=False))
+        )
 
     return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 

@@ -45,8 +45,14 @@ from vesselseg.errors import VesselsegError  # noqa: E402
 from vesselseg.recipes import check_source, compose  # noqa: E402
 
 BEGIN, END = "<!-- quality:begin (benchmarks/quality.py --write-readme) -->", "<!-- quality:end -->"
-LABELS = {"drive": "DRIVE", "octa500-3m": "OCTA-500 3M", "octa500-6m": "OCTA-500 6M", "stare": "STARE",
-          "chase_db1": "CHASE_DB1", "hrf": "HRF"}
+LABELS = {
+    "drive": "DRIVE",
+    "octa500-3m": "OCTA-500 3M",
+    "octa500-6m": "OCTA-500 6M",
+    "stare": "STARE",
+    "chase_db1": "CHASE_DB1",
+    "hrf": "HRF",
+}
 # (dataset, metric) -> (floor, goal, anchor text): published or set by the quality issue
 ANCHORS = {
     ("drive", "auc_roc"): (0.975, 0.982, "U-Net 0.9807 (VesselSeg-Pytorch)"),
@@ -91,9 +97,12 @@ def rows_for(name: str, metrics: dict, wall_s: float, n_images: dict[str, int]) 
         if key not in values or values[key] is None:
             continue
         floor, goal, anchor = ANCHORS.get((name, key), (None, None, ""))
-        verdict = "" if floor is None else ("GOAL" if values[key] >= goal else "PASS" if values[key] >= floor else "FAIL")
-        rows.append(Row(label, where, text, f"{values[key]:.4f}", "" if floor is None else f"{floor} / {goal}",
-                        anchor, verdict))
+        verdict = (
+            "" if floor is None else ("GOAL" if values[key] >= goal else "PASS" if values[key] >= floor else "FAIL")
+        )
+        rows.append(
+            Row(label, where, text, f"{values[key]:.4f}", "" if floor is None else f"{floor} / {goal}", anchor, verdict)
+        )
     extra = [values.get(k) for k in ("sensitivity", "specificity", "accuracy")]
     if all(isinstance(v, (int, float)) for v in extra):
         rows.append(Row(label, where, "sensitivity / specificity / accuracy", " / ".join(f"{v:.3f}" for v in extra)))
@@ -116,10 +125,15 @@ def rewrite_readme(readme: Path, rows: list[Row], notes: list[str]) -> None:
     head, rest = text.split(BEGIN, 1)
     block, tail = rest.split(END, 1)
     now = {r.dataset for r in rows}
-    kept = [ln for ln in block.splitlines() if ln.startswith("| ") and not ln.startswith("| dataset |")
-            and ln.split("|")[1].strip() not in now]
+    kept = [
+        ln
+        for ln in block.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| dataset |") and ln.split("|")[1].strip() not in now
+    ]
     kept_rows = [Row(*[c.strip() for c in ln.strip().strip("|").split("|")]) for ln in kept]
-    old_notes = [ln for ln in block.splitlines() if ln.startswith("- ") and not any(ln.startswith(f"- {d}:") for d in now)]
+    old_notes = [
+        ln for ln in block.splitlines() if ln.startswith("- ") and not any(ln.startswith(f"- {d}:") for d in now)
+    ]
     new = f"{BEGIN}\n{markdown(kept_rows + rows)}\n\n" + "\n".join([*old_notes, *notes]) + f"\n{END}"
     readme.write_text(head + new + tail, encoding="utf-8")
 
@@ -140,7 +154,7 @@ def run_one(name: str, sets: list[str], workdir: Path, env: dict[str, str]) -> t
     scratch.make_project(project, {}, root=ROOT, env=env)
     cmd = ["dvc", "exp", "run", "-S", f"dataset={name}", *[x for s in sets for x in ("-S", s)]]
     print(f"\n$ {shlex.join(cmd)}   (in {project})", flush=True)
-    started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     out = scratch.run(cmd, project, env)
     wall = time.monotonic() - t0
@@ -150,9 +164,11 @@ def run_one(name: str, sets: list[str], workdir: Path, env: dict[str, str]) -> t
     train = json.loads((project / "reports/train/metrics.json").read_text())
     split = json.loads((project / "data/prepared/split.json").read_text())
     n_images = {k: len(v) for k, v in split.items() if isinstance(v, list)}
-    note = (f"- {LABELS.get(name, name)}: `{shlex.join(cmd)}`, {started}, {os.cpu_count()} CPUs, {load_text()} at the end; "
-            f"{train.get('epochs_run')} epochs, best epoch {train.get('best_epoch')}; stages (s) "
-            + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    note = (
+        f"- {LABELS.get(name, name)}: `{shlex.join(cmd)}`, {started}, {os.cpu_count()} CPUs, {load_text()} at the end; "
+        f"{train.get('epochs_run')} epochs, best epoch {train.get('best_epoch')}; stages (s) "
+        + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+    )
     print(note.removeprefix("- "))
     return rows_for(name, metrics, wall, n_images), note
 
@@ -160,8 +176,15 @@ def run_one(name: str, sets: list[str], workdir: Path, env: dict[str, str]) -> t
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", default=["drive", "octa500-3m"], help="conf/dataset names")
-    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="OVERRIDE",
-                    help="more Hydra overrides, as with dvc exp run -S (e.g. train.max_minutes=10)")
+    ap.add_argument(
+        "-S",
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="more Hydra overrides, as with dvc exp run -S (e.g. train.max_minutes=10)",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/vesselseg-quality"), help="scratch folder")
     ap.add_argument("--threads", type=int, default=None, help="VESSELSEG_THREADS for the runs")
     ap.add_argument("--write-readme", action="store_true", help="rewrite the marked block of --readme")
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except VesselsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{started}; {platform.node()}; {load_text()}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = scratch.scratch_env(threads=args.threads)

@@ -46,7 +46,6 @@ import yaml
 
 from vesselseg.errors import VesselsegError
 from vesselseg.params import flatten
-from vesselseg.registry import info
 from vesselseg.recipes import (
     RecipeRow,
     check_source,
@@ -57,6 +56,7 @@ from vesselseg.recipes import (
     one_line,
     write_table,
 )
+from vesselseg.registry import info
 
 log = logging.getLogger("benchmarks.recipes")
 
@@ -72,12 +72,20 @@ class Job:
     dataset: str  # a conf/dataset name
 
 
-def _run(argvs: list[list[str]], *, cwd: Path, env: dict[str, str], timeout_s: float, log_file: Path) -> tuple[bool, str, float]:
+def _run(
+    argvs: list[list[str]], *, cwd: Path, env: dict[str, str], timeout_s: float, log_file: Path
+) -> tuple[bool, str, float]:
     """Run CLI invocations in one child process; ``(ok, one-line reason, seconds)``."""
     t0 = time.monotonic()
     with open(log_file, "w", encoding="utf-8") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(argvs)], cwd=cwd, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(argvs)],
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -114,8 +122,14 @@ def _metrics_row(job: Job, run_dir: Path, dataset: str, seconds: float) -> Recip
     train = json.loads((run_dir / "reports" / "train" / "metrics.json").read_text())
     flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     note = ", ".join(f"{k} {train[k]}" for k in ("best_k", "threshold", "epochs_run") if k in train)
-    return RecipeRow(job.recipe, dataset=dataset, metrics=flat, wall_seconds=seconds,
-                     train_seconds=train.get("train_seconds"), note=note)
+    return RecipeRow(
+        job.recipe,
+        dataset=dataset,
+        metrics=flat,
+        wall_seconds=seconds,
+        train_seconds=train.get("train_seconds"),
+        note=note,
+    )
 
 
 def run_benchmark(
@@ -141,15 +155,23 @@ def run_benchmark(
             rows.append(RecipeRow(job.recipe, dataset=job.dataset, note=f"failed: {one_line(str(err))}"))
             continue
         dataset = tree["data"]["dataset"]
-        key = hashlib.sha256(json.dumps([tree["data"], tree["prepare"]], sort_keys=True, default=str).encode()).hexdigest()[:10]
+        key = hashlib.sha256(
+            json.dumps([tree["data"], tree["prepare"]], sort_keys=True, default=str).encode()
+        ).hexdigest()[:10]
         data_dir = workdir / "data" / f"{dataset}-{key}"
         if key not in data_dirs:
             data_dir.mkdir(parents=True, exist_ok=True)
             (data_dir / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
             p = str(data_dir / "params.yaml")
             ok, why, secs = _run(
-                [["--params", p, "download", "--out", "raw"], ["--params", p, "prepare", "--raw", "raw", "--out", "prepared"]],
-                cwd=data_dir, env=env, timeout_s=cap_minutes * 60, log_file=data_dir / "log.txt",
+                [
+                    ["--params", p, "download", "--out", "raw"],
+                    ["--params", p, "prepare", "--raw", "raw", "--out", "prepared"],
+                ],
+                cwd=data_dir,
+                env=env,
+                timeout_s=cap_minutes * 60,
+                log_file=data_dir / "log.txt",
             )
             data_dirs[key] = (data_dir, ok, why)
             prep_seconds[f"{dataset} ({key})"] = round(secs, 1)
@@ -196,8 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     ap.add_argument("--dataset", default="drive", help="a conf/dataset name")
     ap.add_argument("--also", action="append", default=None, metavar="RECIPE@DATASET")
-    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="OVERRIDE",
-                    help="Hydra override over dataset + recipe, as with dvc exp run -S")
+    ap.add_argument(
+        "-S",
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="Hydra override over dataset + recipe, as with dvc exp run -S",
+    )
     ap.add_argument("--cap-minutes", type=float, default=15.0, help="per-recipe wall-clock cap")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "recipes.md")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
@@ -220,15 +249,18 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vesselseg-recipes-"))
     try:
-        rows, prep = run_benchmark(jobs, workdir=workdir, sets=args.sets, cap_minutes=args.cap_minutes, track=args.track,
-                                   conf=args.conf_dir)
+        rows, prep = run_benchmark(
+            jobs, workdir=workdir, sets=args.sets, cap_minutes=args.cap_minutes, track=args.track, conf=args.conf_dir
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     prep_txt = ", ".join(f"{k} {v:.0f}s" for k, v in prep.items()) or "none"
-    title = (f"Recipes on {args.dataset} (benchmarks/recipes.py, cap {args.cap_minutes:g} min per recipe, "
-             f"{os.cpu_count()} CPUs)\n\nData preparation (shared): {prep_txt}."
-             + (f" Overrides: {' '.join(args.sets)}." if args.sets else ""))
+    title = (
+        f"Recipes on {args.dataset} (benchmarks/recipes.py, cap {args.cap_minutes:g} min per recipe, "
+        f"{os.cpu_count()} CPUs)\n\nData preparation (shared): {prep_txt}."
+        + (f" Overrides: {' '.join(args.sets)}." if args.sets else "")
+    )
     text = write_table(rows, args.out, title)
     print(text)
     return 0

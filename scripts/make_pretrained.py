@@ -30,11 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 DATA_TERMS = {
-    "fundus": ("DRIVE (Staal et al., IEEE TMI 2004): 20 training images (17 train, 3 validation), 20 test images. "
-               "Its terms allow research use and forbid redistribution of the images: this model is shipped, the "
-               "images are not."),
-    "octa": ("OCTA-500 3M (Li et al., Medical Image Analysis 2024), 2D projection maps: official split, 140 train "
-             "/ 10 validation. Research use; the images are not redistributed."),
+    "fundus": (
+        "DRIVE (Staal et al., IEEE TMI 2004): 20 training images (17 train, 3 validation), 20 test images. "
+        "Its terms allow research use and forbid redistribution of the images: this model is shipped, the "
+        "images are not."
+    ),
+    "octa": (
+        "OCTA-500 3M (Li et al., Medical Image Analysis 2024), 2D projection maps: official split, 140 train "
+        "/ 10 validation. Research use; the images are not redistributed."
+    ),
 }
 
 
@@ -63,8 +67,12 @@ def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
             fn += int((~pred & label & fov).sum())
             ys.append(label[fov])
             ps.append(probs[fov])
-    return {"f1": 2 * tp / (2 * tp + fp + fn), "auc": float(roc_auc_score(np.concatenate(ys), np.concatenate(ps))),
-            "seconds_per_image": seconds, "n": len(images)}
+    return {
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "auc": float(roc_auc_score(np.concatenate(ys), np.concatenate(ps))),
+        "seconds_per_image": seconds,
+        "n": len(images),
+    }
 
 
 def main() -> None:
@@ -87,33 +95,54 @@ def main() -> None:
     params = yaml.safe_load((args.run / "params.yaml").read_text())
     metrics = json.loads((args.run / "reports" / "metrics.json").read_text())
     train = json.loads((args.run / "reports" / "train" / "metrics.json").read_text())
-    lines = [f"# `{args.name}`: vesselseg pretrained model", "",
-             f"- file: `src/vesselseg/pretrained/{args.name}.pt` ({dest.stat().st_size / 1e6:.1f} MB), "
-             f"`vesselseg segment IMAGES --model {args.name}`",
-             f"- training data: {DATA_TERMS[args.name]}",
-             f"- model: `{params['model']['name']}`, {train.get('n_params')} parameters; best epoch "
-             f"{train.get('best_epoch')} of {train.get('epochs_run')} (picked on validation images only), "
-             f"{train.get('train_seconds')} s of training",
-             f"- reproduce: `{args.reproduce}`", "",
-             "## Pipeline metrics (FOV pooled, threshold 0.5)", "",
-             "| split | Dice/F1 | AUC | clDice | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# `{args.name}`: vesselseg pretrained model",
+        "",
+        f"- file: `src/vesselseg/pretrained/{args.name}.pt` ({dest.stat().st_size / 1e6:.1f} MB), "
+        f"`vesselseg segment IMAGES --model {args.name}`",
+        f"- training data: {DATA_TERMS[args.name]}",
+        f"- model: `{params['model']['name']}`, {train.get('n_params')} parameters; best epoch "
+        f"{train.get('best_epoch')} of {train.get('epochs_run')} (picked on validation images only), "
+        f"{train.get('train_seconds')} s of training",
+        f"- reproduce: `{args.reproduce}`",
+        "",
+        "## Pipeline metrics (FOV pooled, threshold 0.5)",
+        "",
+        "| split | Dice/F1 | AUC | clDice | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
     for split, v in metrics.items():
         if isinstance(v, dict) and "dice" in v:
-            lines.append(f"| {split} | {v['dice']:.4f} | {v.get('auc_roc', float('nan')):.4f} | "
-                         f"{v.get('cldice', float('nan')):.4f} | {v.get('sensitivity', float('nan')):.4f} | "
-                         f"{v.get('specificity', float('nan')):.4f} |")
+            lines.append(
+                f"| {split} | {v['dice']:.4f} | {v.get('auc_roc', float('nan')):.4f} | "
+                f"{v.get('cldice', float('nan')):.4f} | {v.get('sensitivity', float('nan')):.4f} | "
+                f"{v.get('specificity', float('nan')):.4f} |"
+            )
     if args.name == "fundus":
         s = _drive_segment_scores(dest, args.drive / "test")
-        lines += ["", "## Through `vesselseg segment` (the shipped file, official FOV masks)", "",
-                  f"DRIVE test F1 (FOV pooled, segment): {s['f1']:.4f}",
-                  "",
-                  f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, "
-                  f"{s['seconds_per_image']:.2f} s per image on the CPU ({time.strftime('%Y-%m-%d')}).",
-                  "", f"Command: `vesselseg segment {args.drive}/test/images --fov {args.drive}/test/mask "
-                  f"--model fundus --out OUT`"]
-    lines += ["", "## Recipe (params.yaml of the run)", "", "```yaml",
-              yaml.safe_dump({k: params[k] for k in ("prepare", "patches", "model", "train") if k in params},
-                             sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "",
+            "## Through `vesselseg segment` (the shipped file, official FOV masks)",
+            "",
+            f"DRIVE test F1 (FOV pooled, segment): {s['f1']:.4f}",
+            "",
+            f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, "
+            f"{s['seconds_per_image']:.2f} s per image on the CPU ({time.strftime('%Y-%m-%d')}).",
+            "",
+            f"Command: `vesselseg segment {args.drive}/test/images --fov {args.drive}/test/mask "
+            f"--model fundus --out OUT`",
+        ]
+    lines += [
+        "",
+        "## Recipe (params.yaml of the run)",
+        "",
+        "```yaml",
+        yaml.safe_dump(
+            {k: params[k] for k in ("prepare", "patches", "model", "train") if k in params}, sort_keys=False
+        ).rstrip(),
+        "```",
+        "",
+    ]
     dest.with_suffix(".md").write_text("\n".join(lines))
     print(dest.with_suffix(".md").read_text())
 

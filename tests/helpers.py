@@ -33,10 +33,14 @@ def line_scene(seed: int, size: int = 48, fov_all: bool = False) -> tuple[np.nda
     return image, label, fov
 
 
-def make_prepared(root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 2, size: int = 48,
-                  fov_all: bool = False) -> Path:
-    ids = {"train": [f"tr{k}" for k in range(n_train)], "val": [f"va{k}" for k in range(n_val)],
-           "test": [f"te{k}" for k in range(n_test)]}
+def make_prepared(
+    root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 2, size: int = 48, fov_all: bool = False
+) -> Path:
+    ids = {
+        "train": [f"tr{k}" for k in range(n_train)],
+        "val": [f"va{k}" for k in range(n_val)],
+        "test": [f"te{k}" for k in range(n_test)],
+    }
     seed = 0
     for split_ids in ids.values():
         for i in split_ids:
@@ -46,8 +50,15 @@ def make_prepared(root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 2,
     return root
 
 
-def fit_family(out: Path, prepared: Path, patches: Path | None = None, *, family: object | None = None,
-               seed: int = 0, **sections: object) -> dict:
+def fit_family(
+    out: Path,
+    prepared: Path,
+    patches: Path | None = None,
+    *,
+    family: object | None = None,
+    seed: int = 0,
+    **sections: object,
+) -> dict:
     """Train through the family registry as the train stage does; ``sections`` are params sections.
 
     Writes ``out/{model.pt, ckpt.pt, history.csv, metrics.json}``; returns the metrics.
@@ -57,7 +68,13 @@ def fit_family(out: Path, prepared: Path, patches: Path | None = None, *, family
     from vesselseg.params import parse_params
 
     params = parse_params({"seed": seed, **sections})
-    job = TrainJob(params=params, prepared_dir=prepared, patch_dir=patches or out / "no-patches",
-                   model_path=out / "model.pt", checkpoint_path=out / "ckpt.pt", history_path=out / "history.csv",
-                   metrics_path=out / "metrics.json")
+    job = TrainJob(
+        params=params,
+        prepared_dir=prepared,
+        patch_dir=patches or out / "no-patches",
+        model_path=out / "model.pt",
+        checkpoint_path=out / "ckpt.pt",
+        history_path=out / "history.csv",
+        metrics_path=out / "metrics.json",
+    )
     return (family or get_family(params.model.name)).fit(job)  # type: ignore[attr-defined, no-any-return]

@@ -45,24 +45,34 @@ def _hashes(lock_text: str) -> dict[str, str]:
 
 
 def _numbers(text: str) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(json.loads(text)).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in NOT_METRICS}
+    return {
+        k: float(v)
+        for k, v in flatten(json.loads(text)).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in NOT_METRICS
+    }
 
 
 def reproduce_in_a_clone(root: Path, dest: Path) -> list[str]:
     """Clone ``root`` at HEAD into ``dest``, ``dvc repro``, assert the metrics; returns the changed lock entries."""
-    lock, metrics, train = (_committed(root, p) for p in ("dvc.lock", "reports/metrics.json", "reports/train/metrics.json"))
+    lock, metrics, train = (
+        _committed(root, p) for p in ("dvc.lock", "reports/metrics.json", "reports/train/metrics.json")
+    )
     if lock is None or metrics is None or train is None:
-        pytest.skip("no committed baseline at HEAD (dvc.lock, reports/metrics.json): commit `dvc repro`'s "
-                    "outputs of the default pipeline on main first (README, Contributing)")
+        pytest.skip(
+            "no committed baseline at HEAD (dvc.lock, reports/metrics.json): commit `dvc repro`'s "
+            "outputs of the default pipeline on main first (README, Contributing)"
+        )
     env = scratch.scratch_env()
     clone = scratch.clone_project(dest, root=root, env=env)
     scratch.run(["dvc", "repro"], clone, env)
     for path, committed in (("reports/metrics.json", metrics), ("reports/train/metrics.json", train)):
         want, got = _numbers(committed), _numbers((clone / path).read_text())
         assert set(got) == set(want), f"{path}: keys differ: {sorted(set(got) ^ set(want))}"
-        off = {k: (want[k], got[k]) for k in want
-               if not (math.isnan(want[k]) and math.isnan(got[k])) and not abs(want[k] - got[k]) <= TOLERANCE}
+        off = {
+            k: (want[k], got[k])
+            for k in want
+            if not (math.isnan(want[k]) and math.isnan(got[k])) and not abs(want[k] - got[k]) <= TOLERANCE
+        }
         assert not off, f"{path}: differs from the committed baseline by more than {TOLERANCE}: {off}"
     before, after = _hashes(lock), _hashes((clone / "dvc.lock").read_text())
     assert set(after) == set(before), "the clone's pipeline declares other outputs than the committed dvc.lock"

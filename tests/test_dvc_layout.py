@@ -93,14 +93,30 @@ def test_dvcignore_covers_the_temporaries_atomic_writes(tmp_path: Path) -> None:
     from vesselseg.atomic import _TEMP_NAME
 
     pid = os.getpid()
-    names = [f"data/prepared/.tmp-{pid}-images-k2j_x", f"data/.old-{pid}-predictions",
-             f"reports/.tmp-{pid}-metrics-ab12.json", f"data/.tmp-{pid}-scratch-drive-q1"]
+    names = [
+        f"data/prepared/.tmp-{pid}-images-k2j_x",
+        f"data/.old-{pid}-predictions",
+        f"reports/.tmp-{pid}-metrics-ab12.json",
+        f"data/.tmp-{pid}-scratch-drive-q1",
+    ]
     assert all(_TEMP_NAME.match(Path(n).name) for n in names), "atomic's naming scheme changed: update .dvcignore"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    res = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", *names], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=100)
+    res = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", *names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert res.returncode == 0, res.stderr
     assert sorted(res.stdout.split()) == sorted(names)
-    res = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "data/prepared/images", "reports/metrics.json"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    res = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", "data/prepared/images", "reports/metrics.json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert res.returncode == 1 and res.stdout.strip() == "", "ordinary outputs must not be ignored"

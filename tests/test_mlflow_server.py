@@ -7,6 +7,7 @@ and consumer processes; teardown kills the whole group so nothing is left behind
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -49,7 +50,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 90.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 90.0) -> MlflowServer:
         self.port = free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         logf = open(self.workdir / f"server-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
@@ -62,7 +63,9 @@ class MlflowServer:
         ]  # fmt: skip
         # No background job consumer: fewer processes to start and to kill.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,10 +91,8 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         # the group may still hold children after the leader exited
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc = None
 
 
@@ -201,20 +202,49 @@ def test_train_stage_artifact_is_readable_from_a_second_client_directory(tmp_pat
         client_a = tmp_path / "client-a"
         make_prepared(client_a / "prepared", n_train=3, n_val=1, n_test=1, size=32)
         tree = Params().model_dump(mode="json")
-        tiny = {"patches.size": 16, "patches.per_image": 8, "patches.val_per_image": 4, "model.depth": 2,
-                "model.base_channels": 4, "train.epochs": 1, "train.batch_size": 8, "train.threads": 1,
-                "tracking.experiment": "served"}
+        tiny = {
+            "patches.size": 16,
+            "patches.per_image": 8,
+            "patches.val_per_image": 4,
+            "model.depth": 2,
+            "model.base_channels": 4,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.threads": 1,
+            "tracking.experiment": "served",
+        }
         for key, value in tiny.items():
             set_dotted(tree, key, value)
         (client_a / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
         (client_a / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "VESSELSEG_TRACKING": "1", "VESSELSEG_THREADS": "1",
-               "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT / "src")}
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": server.uri,
+            "VESSELSEG_TRACKING": "1",
+            "VESSELSEG_THREADS": "1",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "PYTHONPATH": str(ROOT / "src"),
+        }
         env.pop("DVC_ROOT", None)
         cli = [sys.executable, "-m", "vesselseg.cli", "--params", "params.yaml"]
-        for argv in (["patches", "--prepared", "prepared", "--out", "patches"],
-                     ["train", "--patches", "patches", "--prepared", "prepared", "--model", "model.pt",
-                      "--checkpoint", "checkpoint.pt", "--history", "history.csv", "--metrics", "train.json"]):
+        for argv in (
+            ["patches", "--prepared", "prepared", "--out", "patches"],
+            [
+                "train",
+                "--patches",
+                "patches",
+                "--prepared",
+                "prepared",
+                "--model",
+                "model.pt",
+                "--checkpoint",
+                "checkpoint.pt",
+                "--history",
+                "history.csv",
+                "--metrics",
+                "train.json",
+            ],
+        ):
             res = subprocess.run([*cli, *argv], cwd=client_a, env=env, capture_output=True, text=True, timeout=180)
             assert res.returncode == 0, res.stderr[-2000:]
         assert not (client_a / "mlruns").exists(), "artifacts must not land on the training client's disk"

@@ -27,8 +27,12 @@ from tools import scratch
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TINY = {
-    "data": {"synthetic": {"n_subjects": 6, "n_bscans": 48, "depth": 48, "width": 48, "slab": [20, 36]},
-             "synthetic_fundus": {"n_images": 6, "size": 64}, "val_fraction": 0.2, "test_fraction": 0.2},
+    "data": {
+        "synthetic": {"n_subjects": 6, "n_bscans": 48, "depth": 48, "width": 48, "slab": [20, 36]},
+        "synthetic_fundus": {"n_images": 6, "size": 64},
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+    },
     "prepare": {"slab": [20, 36]},
     "patches": {"size": 32, "per_image": 24, "val_per_image": 8},
     "model": {"depth": 2, "base_channels": 4},
@@ -66,8 +70,17 @@ def test_repro_then_nothing_to_do(repo: tuple[Path, dict[str, str]]) -> None:
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((root / "reports/metrics.json").read_text())
     for split in ("val", "test"):
-        for key in ("dice", "iou", "accuracy", "sensitivity", "specificity", "precision", "balanced_accuracy",
-                    "auc_roc", "log_loss"):
+        for key in (
+            "dice",
+            "iou",
+            "accuracy",
+            "sensitivity",
+            "specificity",
+            "precision",
+            "balanced_accuracy",
+            "auc_roc",
+            "log_loss",
+        ):
             assert 0.0 <= metrics[split][key] <= (10.0 if key == "log_loss" else 1.0), (split, key)
     assert (root / "models/model.pt").is_file()
     assert (root / "reports/per_image.csv").read_text().startswith("split,id,dice")
@@ -161,10 +174,22 @@ def test_plots_show_renders_exactly_the_declared_plots(repo: tuple[Path, dict[st
 def test_drive_in_one_dvc_exp_run(repo: tuple[Path, dict[str, str]]) -> None:
     """`dvc exp run -S dataset=drive` as the README types it, plus a tiny training budget."""
     root, env = repo
-    budget = ["-S", "train.epochs=1", "-S", "patches.per_image=16", "-S", "patches.val_per_image=8",
-              "-S", "train.max_minutes=2", "-S", "evaluate.n_overlays=1"]
+    budget = [
+        "-S",
+        "train.epochs=1",
+        "-S",
+        "patches.per_image=16",
+        "-S",
+        "patches.val_per_image=8",
+        "-S",
+        "train.max_minutes=2",
+        "-S",
+        "evaluate.n_overlays=1",
+    ]
     out = _run(["dvc", "exp", "run", "-n", "drive-tiny", "-S", "dataset=drive", *budget], root, env)
-    assert {"download", "prepare", "patches", "train", "predict", "evaluate"} <= set(re.findall(r"Running stage '(\w+)'", out))
+    assert {"download", "prepare", "patches", "train", "predict", "evaluate"} <= set(
+        re.findall(r"Running stage '(\w+)'", out)
+    )
     params = (root / "params.yaml").read_text()
     assert "dataset: drive" in params and "source: ../shared/datasets/DRIVE" in params and "gamma: 1.2" in params
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -181,12 +206,17 @@ def _failed(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return res.stdout + res.stderr
 
 
-@pytest.mark.parametrize(("override", "first_line"), [
-    ("dataset=drivee", "ERROR: unexpected error - In 'config': Could not find 'dataset/drivee'"),
-    ("recipe=knnn", "ERROR: unexpected error - In 'config': Could not find 'recipe/knnn'"),
-], ids=["unknown-dataset", "unknown-recipe"])
-def test_unknown_name_stops_dvc_exp_run_before_any_stage(repo: tuple[Path, dict[str, str]], override: str,
-                                                         first_line: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "first_line"),
+    [
+        ("dataset=drivee", "ERROR: unexpected error - In 'config': Could not find 'dataset/drivee'"),
+        ("recipe=knnn", "ERROR: unexpected error - In 'config': Could not find 'recipe/knnn'"),
+    ],
+    ids=["unknown-dataset", "unknown-recipe"],
+)
+def test_unknown_name_stops_dvc_exp_run_before_any_stage(
+    repo: tuple[Path, dict[str, str]], override: str, first_line: str
+) -> None:
     """Hydra refuses the composition before DVC touches params.yaml or runs a stage.
     DVC prints its first line as below, then Hydra's list of valid names."""
     root, env = repo

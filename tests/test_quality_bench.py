@@ -20,17 +20,33 @@ def _load():
     return mod
 
 
-METRICS = {"val": {"dice": 0.79, "auc_roc": 0.97}, "test": {
-    "dice": 0.8175, "auc_roc": 0.9769, "cldice": 0.8, "betti0_error": 3.5, "betti1_error": 1.25,
-    "sensitivity": 0.803, "specificity": 0.977, "accuracy": 0.954}}
+METRICS = {
+    "val": {"dice": 0.79, "auc_roc": 0.97},
+    "test": {
+        "dice": 0.8175,
+        "auc_roc": 0.9769,
+        "cldice": 0.8,
+        "betti0_error": 3.5,
+        "betti1_error": 1.25,
+        "sensitivity": 0.803,
+        "specificity": 0.977,
+        "accuracy": 0.954,
+    },
+}
 
 
 def test_rows_carry_f1_auc_topology_anchors_and_wall_time() -> None:
     q = _load()
     rows = q.rows_for("drive", METRICS, 1668.0, {"test": 20, "val": 3})
     table = {r.metric: r for r in rows}
-    assert list(table) == ["F1 (Dice)", "AUC-ROC", "clDice", "Betti-0 error", "Betti-1 error",
-                           "sensitivity / specificity / accuracy"]
+    assert list(table) == [
+        "F1 (Dice)",
+        "AUC-ROC",
+        "clDice",
+        "Betti-0 error",
+        "Betti-1 error",
+        "sensitivity / specificity / accuracy",
+    ]
     assert table["F1 (Dice)"].value == "0.8175" and table["F1 (Dice)"].verdict == "PASS"
     assert table["F1 (Dice)"].wall == "27.8 min" and table["F1 (Dice)"].split == "test (20)"
     assert "0.9807" in table["AUC-ROC"].anchor and table["Betti-1 error"].value == "1.2500"
@@ -63,9 +79,26 @@ def test_unknown_dataset_stops_before_any_work(capsys: pytest.CaptureFixture[str
     assert not (tmp_path / "w").exists()
 
 
-TINY = ["-S", "train.epochs=1", "-S", "data.synthetic_fundus.n_images=6", "-S", "data.synthetic_fundus.size=64",
-        "-S", "patches.size=32", "-S", "patches.per_image=8", "-S", "patches.val_per_image=4",
-        "-S", "evaluate.n_overlays=1", "-S", "model.base_channels=4", "-S", "model.depth=2"]
+TINY = [
+    "-S",
+    "train.epochs=1",
+    "-S",
+    "data.synthetic_fundus.n_images=6",
+    "-S",
+    "data.synthetic_fundus.size=64",
+    "-S",
+    "patches.size=32",
+    "-S",
+    "patches.per_image=8",
+    "-S",
+    "patches.val_per_image=4",
+    "-S",
+    "evaluate.n_overlays=1",
+    "-S",
+    "model.base_channels=4",
+    "-S",
+    "model.depth=2",
+]
 
 
 @pytest.mark.slow
@@ -75,8 +108,19 @@ def test_rerun_in_the_same_scratch_folder_and_readme_block(tmp_path: Path, capsy
     readme = tmp_path / "README.md"
     readme.write_text(f"{q.BEGIN}\n{q.END}\n")
     for _ in range(2):  # the second run replaces the first scratch copy
-        code = q.main(["synthetic-fundus", *TINY, "--workdir", str(tmp_path / "w"), "--threads", "1",
-                       "--write-readme", "--readme", str(readme)])
+        code = q.main(
+            [
+                "synthetic-fundus",
+                *TINY,
+                "--workdir",
+                str(tmp_path / "w"),
+                "--threads",
+                "1",
+                "--write-readme",
+                "--readme",
+                str(readme),
+            ]
+        )
         assert code == 0
     out = capsys.readouterr().out
     assert out.count("$ dvc exp run -S dataset=synthetic-fundus -S train.epochs=1") == 2

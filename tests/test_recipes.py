@@ -33,8 +33,14 @@ from vesselseg.recipes import (
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 ISSUE_4 = {
-    "patches-unet3": "unet", "unet-valid": "unet", "octa-unet4": "unet", "unet5-onecycle": "unet",
-    "knn": "knn", "vesselness": "vesselness", "resnet-patch": "resnet_patch", "ipn": "ipn",
+    "patches-unet3": "unet",
+    "unet-valid": "unet",
+    "octa-unet4": "unet",
+    "unet5-onecycle": "unet",
+    "knn": "knn",
+    "vesselness": "vesselness",
+    "resnet-patch": "resnet_patch",
+    "ipn": "ipn",
 }
 
 
@@ -104,7 +110,9 @@ def test_every_dataset_config_composes_and_names_its_adapter() -> None:
 
 
 def _git(repo: Path, *args: str) -> None:
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t"
+    )
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
 
 
@@ -156,12 +164,19 @@ def test_run_recipe_with_a_real_dvc_exp_run_leaves_no_leftovers(dvc_repo: Path, 
     assert expected.data.source == str(source)
     assert parse_params(yaml.safe_load(params.read_text())) == expected
     assert parse_params(yaml.safe_load((dvc_repo / "seen.yaml").read_text())) == expected
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=dvc_repo,
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--name-only"],
+        cwd=dvc_repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert argv[4] in shown.split()
 
 
-def test_cli_dry_run_prints_the_command_and_checks_params_first(git_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_dry_run_prints_the_command_and_checks_params_first(
+    git_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(git_repo)
     runner = CliRunner()
     res = runner.invoke(recipes, ["run", "knn", "--queue", "--dry-run", "-S", "train.epochs=2"])
@@ -181,16 +196,24 @@ def test_cli_dry_run_prints_the_command_and_checks_params_first(git_repo: Path, 
     [
         (["knn", "--dataset", "drivee"], "error: {conf}/dataset: unknown dataset 'drivee' (valid: "),
         (["knnn"], "error: {conf}/recipe: unknown recipe 'knnn' (valid: "),
-        (["knn", "--dataset", "drive", "-S", "data.source=/nonexistent/DRIVE"],
-         "error: data.source: /nonexistent/DRIVE does not exist"),
+        (
+            ["knn", "--dataset", "drive", "-S", "data.source=/nonexistent/DRIVE"],
+            "error: data.source: /nonexistent/DRIVE does not exist",
+        ),
     ],
     ids=["unknown-dataset", "unknown-recipe", "missing-source"],
 )
 def test_recipes_run_stops_in_one_line_before_any_work(git_repo: Path, args: list[str], message: str) -> None:
     """Exit 1, one line on stderr, and no DVC call: the command is checked before it starts."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    res = subprocess.run([sys.executable, "-m", "vesselseg.cli", "recipes", "run", *args], cwd=git_repo, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "vesselseg.cli", "recipes", "run", *args],
+        cwd=git_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(conf=git_repo / "conf")), res.stderr
@@ -207,11 +230,17 @@ def test_table_from_mlflow_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def run(stage: str, recipe: str, exp_name: str, start: int, end: int, metrics: dict[str, float]) -> None:
         tags = {"stage": stage, "recipe": recipe, "dataset": "drive", "dvc_exp_name": exp_name}
-        runs.append(SimpleNamespace(info=SimpleNamespace(start_time=start, end_time=end, status="FINISHED"),
-                                    data=SimpleNamespace(tags=tags, metrics=metrics)))
+        runs.append(
+            SimpleNamespace(
+                info=SimpleNamespace(start_time=start, end_time=end, status="FINISHED"),
+                data=SimpleNamespace(tags=tags, metrics=metrics),
+            )
+        )
 
     run("train", "knn", "knn-aaa111", 1_000_000, 1_060_000, {"final.train_seconds": 55.0})
-    run("evaluate", "knn", "knn-aaa111", 1_100_000, 1_125_000, {"test.dice": 0.61, "test.auc_roc": 0.9, "val.dice": 0.6})
+    run(
+        "evaluate", "knn", "knn-aaa111", 1_100_000, 1_125_000, {"test.dice": 0.61, "test.auc_roc": 0.9, "val.dice": 0.6}
+    )
     run("train", "knn", "knn-bbb222", 2_000_000, 2_010_000, {"final.train_seconds": 9.0})  # newer, never evaluated
     run("evaluate", "vesselness", "vesselness-ccc", 3_000_000, 3_001_000, {"test.dice": 0.55})
 
@@ -246,20 +275,41 @@ def test_benchmark_on_a_tiny_config_keeps_failed_rows(tmp_path: Path) -> None:
     # valid for the schema, fails at run time (in the data stage: the cheapest child process to fail)
     (conf / "recipe" / "broken.yaml").write_text(
         "# @package _global_\n# fails in download\nrecipe: broken\ndata:\n  dataset: folder\n"
-        "  folder:\n    images: /nonexistent/*.png\nmodel:\n  name: vesselness\n")
+        "  folder:\n    images: /nonexistent/*.png\nmodel:\n  name: vesselness\n"
+    )
     out = tmp_path / "recipes.md"
-    code = bench.main([
-        "--conf-dir", str(conf), "--recipes", "vesselness", "broken", "--dataset", "synthetic-fundus",
-        "--workdir", str(tmp_path / "w"), "--out", str(out), "--cap-minutes", "3",
-        "-S", "data.synthetic_fundus.n_images=5", "-S", "data.synthetic_fundus.size=48", "-S", "evaluate.n_overlays=0",
-    ])
+    code = bench.main(
+        [
+            "--conf-dir",
+            str(conf),
+            "--recipes",
+            "vesselness",
+            "broken",
+            "--dataset",
+            "synthetic-fundus",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+            "--cap-minutes",
+            "3",
+            "-S",
+            "data.synthetic_fundus.n_images=5",
+            "-S",
+            "data.synthetic_fundus.size=48",
+            "-S",
+            "evaluate.n_overlays=0",
+        ]
+    )
     assert code == 0
     lines = [ln for ln in out.read_text().splitlines() if ln.startswith("|")]
     assert len(lines) == 4  # header, separator, two recipes: none missing
     broken = next(ln for ln in lines if ln.startswith("| broken |"))
     assert "failed: data preparation: error: data.folder.images: pattern '/nonexistent/*.png' matches no" in broken
     ves = next(ln for ln in lines if ln.startswith("| vesselness |"))
-    metrics = json.loads((tmp_path / "w" / "runs" / "vesselness-synthetic-fundus" / "reports" / "metrics.json").read_text())
+    metrics = json.loads(
+        (tmp_path / "w" / "runs" / "vesselness-synthetic-fundus" / "reports" / "metrics.json").read_text()
+    )
     assert f"| {metrics['test']['dice']:.4f} |" in ves and "failed" not in ves
 
 
@@ -268,6 +318,8 @@ def test_benchmark_time_cap_kills_the_recipe(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(bench, "_CHILD", "import time\ntime.sleep(60)\n")
     ok, why, seconds = bench._run([], cwd=tmp_path, env=dict(os.environ), timeout_s=1.0, log_file=tmp_path / "log.txt")
     assert not ok and why == "time cap of 1 s reached" and seconds < 20
-    monkeypatch.setattr(bench, "_CHILD", "import sys\nprint('Traceback ...')\nprint('ValueError: bad   thing')\nsys.exit(3)\n")
+    monkeypatch.setattr(
+        bench, "_CHILD", "import sys\nprint('Traceback ...')\nprint('ValueError: bad   thing')\nsys.exit(3)\n"
+    )
     ok, why, _ = bench._run([], cwd=tmp_path, env=dict(os.environ), timeout_s=30, log_file=tmp_path / "log.txt")
     assert not ok and why == "ValueError: bad thing"

@@ -44,8 +44,12 @@ def test_validator_rejects_a_broken_workflow(tmp_path: Path) -> None:
     """The schema check is not vacuous: a job without `runs-on` and a bad trigger fail it."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\non:\n  pull_requests:\njobs:\n  x:\n    steps:\n      - run: echo hi\n")
-    res = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
-                          str(bad)], capture_output=True, text=True, timeout=100)
+    res = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert res.returncode != 0
 
 
@@ -62,7 +66,7 @@ def test_pr_workflow_cpu_torch_paths_filter_and_fork_safe_report() -> None:
     setup_at = next(i for i, r in enumerate(runs) if "bash scripts/setup.sh" in r)
     assert torch_at < setup_at, "CPU torch must be installed before the setup script"
     steps = {s.get("name", s.get("uses", "")): s for s in job["steps"]}
-    assert 'GITHUB_STEP_SUMMARY' in steps["Job summary"]["run"] and "always()" in steps["Job summary"]["if"]
+    assert "GITHUB_STEP_SUMMARY" in steps["Job summary"]["run"] and "always()" in steps["Job summary"]["if"]
     artifact = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert artifact["if"] == "always()" and artifact["with"]["path"] == "pr-report/"
     comment = next(s for s in job["steps"] if "gh pr comment" in s.get("run", ""))

@@ -37,10 +37,16 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def scratch_env(threads: int | None = None) -> dict[str, str]:
     """The environment a stage sees: this interpreter's ``python`` first on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "GIT_AUTHOR_NAME": "vesselseg",
-           "GIT_AUTHOR_EMAIL": "vesselseg@localhost", "GIT_COMMITTER_NAME": "vesselseg",
-           "GIT_COMMITTER_EMAIL": "vesselseg@localhost"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "GIT_AUTHOR_NAME": "vesselseg",
+        "GIT_AUTHOR_EMAIL": "vesselseg@localhost",
+        "GIT_COMMITTER_NAME": "vesselseg",
+        "GIT_COMMITTER_EMAIL": "vesselseg@localhost",
+    }
     for var in ("MLFLOW_TRACKING_URI", "VESSELSEG_TRACKING", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE"):
         env.pop(var, None)
     if threads:

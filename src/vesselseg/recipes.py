@@ -222,7 +222,9 @@ def check_source(tree: dict[str, Any], base: Path | str) -> None:
     source = (tree.get("data") or {}).get("source")
     if source in (None, ""):
         return
-    missing = [p for p in str(source).split(os.pathsep) if p.strip() and not (Path(base) / Path(p).expanduser()).exists()]
+    missing = [
+        p for p in str(source).split(os.pathsep) if p.strip() and not (Path(base) / Path(p).expanduser()).exists()
+    ]
     if missing:
         raise ParamsError(f"data.source: {', '.join(missing)} does not exist (relative paths are read from {base})")
 
@@ -318,7 +320,7 @@ class RecipeRow:
 def _fmt_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return ""
-    seconds = int(round(seconds))
+    seconds = round(seconds)  # round() of a float is an int
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -337,10 +339,16 @@ def render_table(rows: Sequence[RecipeRow]) -> str:
     header = ["recipe", "dataset", *(h for h, _ in TABLE_METRICS), "train time", "wall time", "note"]
     body = []
     for r in rows:
-        body.append([
-            r.recipe, r.dataset, *(_fmt_metric(r.metrics.get(k)) for _, k in TABLE_METRICS),
-            _fmt_seconds(r.train_seconds), _fmt_seconds(r.wall_seconds), r.note,
-        ])
+        body.append(
+            [
+                r.recipe,
+                r.dataset,
+                *(_fmt_metric(r.metrics.get(k)) for _, k in TABLE_METRICS),
+                _fmt_seconds(r.train_seconds),
+                _fmt_seconds(r.wall_seconds),
+                r.note,
+            ]
+        )
     return markdown_table(header, body)
 
 
@@ -376,8 +384,10 @@ def recipe_rows_from_mlflow(
         ev = evals[0]
         exp_name = ev.data.tags.get("dvc_exp_name")
         trains = [
-            r for r in runs
-            if r.data.tags.get("stage") == "train" and r.info.start_time <= ev.info.start_time
+            r
+            for r in runs
+            if r.data.tags.get("stage") == "train"
+            and r.info.start_time <= ev.info.start_time
             and (exp_name is None or r.data.tags.get("dvc_exp_name") == exp_name)
         ]
         tr = trains[0] if trains else None
@@ -385,10 +395,16 @@ def recipe_rows_from_mlflow(
         if tr is not None and ev.info.end_time:
             wall = (ev.info.end_time - tr.info.start_time) / 1000.0
         train_s = tr.data.metrics.get("final.train_seconds") if tr is not None else None
-        rows.append(RecipeRow(
-            name, dataset=ev.data.tags.get("dataset", ""), metrics=dict(ev.data.metrics), wall_seconds=wall,
-            train_seconds=train_s, note=exp_name or "",
-        ))
+        rows.append(
+            RecipeRow(
+                name,
+                dataset=ev.data.tags.get("dataset", ""),
+                metrics=dict(ev.data.metrics),
+                wall_seconds=wall,
+                train_seconds=train_s,
+                note=exp_name or "",
+            )
+        )
     return rows
 
 
@@ -435,8 +451,14 @@ def show_cmd(name: str, group: str) -> None:
 @click.argument("name")
 @click.option("--dataset", default=None, help="Dataset config (conf/dataset/NAME.yaml); default: the config's.")
 @click.option("--queue", is_flag=True, help="Queue the experiment (start with `dvc queue start -j N`).")
-@click.option("-S", "--set-param", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Extra Hydra overrides, e.g. -S train.epochs=2.")
+@click.option(
+    "-S",
+    "--set-param",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra Hydra overrides, e.g. -S train.epochs=2.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the dvc command without running it.")
 def run_cmd(name: str, dataset: str | None, queue: bool, sets: tuple[str, ...], dry_run: bool) -> None:
     """Run recipe NAME as one DVC experiment named NAME-<id>."""
@@ -444,8 +466,14 @@ def run_cmd(name: str, dataset: str | None, queue: bool, sets: tuple[str, ...], 
 
 
 @recipes.command("compose")
-@click.option("-S", "--set-param", "sets", multiple=True, metavar="OVERRIDE",
-              help="Hydra overrides, e.g. -S dataset=drive -S train.lr=3e-4.")
+@click.option(
+    "-S",
+    "--set-param",
+    "sets",
+    multiple=True,
+    metavar="OVERRIDE",
+    help="Hydra overrides, e.g. -S dataset=drive -S train.lr=3e-4.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: <repo>/params.yaml.")
 def compose_cmd(sets: tuple[str, ...], out: Path | None) -> None:
     """Write params.yaml from conf/ (after editing conf/, before `dvc repro`)."""

@@ -216,7 +216,8 @@ def _experiment_id(client: Any, name: str, artifact_location: str) -> str:
             log.warning(
                 "MLflow experiment %r keeps its artifacts at %s (created by a client without the server's"
                 " artifact proxy); set tracking.experiment to a new name to send them through the server",
-                name, exp.artifact_location,
+                name,
+                exp.artifact_location,
             )
         return exp.experiment_id
     try:
@@ -280,7 +281,7 @@ class _Journal:
         self.files = folder / "files"
 
     @classmethod
-    def create(cls, root: Path, meta: Mapping[str, Any]) -> "_Journal":
+    def create(cls, root: Path, meta: Mapping[str, Any]) -> _Journal:
         folder = root / uuid.uuid4().hex
         journal = cls(folder)
         journal.ops.mkdir(parents=True)
@@ -460,7 +461,7 @@ class RunLogger:
             raise DataError(f"{path}: artifact to log does not exist")
         self._send({"op": "artifact", "local": str(path.resolve()), "artifact_path": artifact_path})
 
-    def log_table(self, df: "pd.DataFrame", name: str) -> None:
+    def log_table(self, df: pd.DataFrame, name: str) -> None:
         """Log ``df`` as ``tables/<name>.csv``: plain CSV opens anywhere, offline too."""
         if self.disabled:
             return
@@ -473,9 +474,9 @@ class RunLogger:
     def log_model(
         self,
         path: Path | str,
-        input_example: "np.ndarray | None" = None,
+        input_example: np.ndarray | None = None,
         *,
-        model: "torch.nn.Module | None" = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         """Log the model file, and an MLflow model that can be registered and served.
 
@@ -509,7 +510,9 @@ class RunLogger:
                 else:
                     saved = _save_pytorch_model(path, input_example, model, Path(tmp) / MODEL_DIR)  # type: ignore[arg-type]
             except Exception as err:  # optional extra: report, do not fail the stage
-                log.warning("MLflow model not logged (%s); model file logged under %s/", _first_line(err), MODEL_FILE_DIR)
+                log.warning(
+                    "MLflow model not logged (%s); model file logged under %s/", _first_line(err), MODEL_FILE_DIR
+                )
                 return
             self._send({"op": "artifact", "local": str(saved), "artifact_path": MODEL_DIR})
         self.set_tags({MODEL_TAG: MODEL_DIR})
@@ -524,7 +527,7 @@ class RunLogger:
         self.flush()
         self._send({"op": "end", "status": status, "end_time": _now_ms()})
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -554,13 +557,13 @@ def _preprocessing_spec_of(path: Path) -> dict[str, Any] | None:
         from vesselseg.models import load_model
 
         _, meta = load_model(path, map_location="cpu")
-    except Exception:  # noqa: BLE001 - not a vesselseg model file: the pytorch path decides
+    except Exception:
         return None
     spec = (meta.get("extra") or {}).get("preprocessing")
     return spec if isinstance(spec, dict) else None
 
 
-def _save_pytorch_model(path: Path, example: "np.ndarray", model: "torch.nn.Module | None", dest: Path) -> Path:
+def _save_pytorch_model(path: Path, example: np.ndarray, model: torch.nn.Module | None, dest: Path) -> Path:
     import numpy as np
     import torch
     from mlflow.models import infer_signature

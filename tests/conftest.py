@@ -10,7 +10,6 @@ data, never committed); they skip with a message where it is absent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.helpers import SHARED, make_prepared
 
 
 @pytest.fixture(autouse=True)
-def _quiet_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _quiet_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No MLflow logging, no analytics, no update checks, unless a test turns them on itself.
 
     Stage code run in-process would otherwise write ``mlflow.db`` into the working
@@ -29,7 +28,6 @@ def _quiet_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("VESSELSEG_TRACKING", "0")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
-    yield
 
 
 @pytest.fixture

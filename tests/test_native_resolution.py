@@ -76,7 +76,7 @@ def test_prepare_keeps_native_labels_of_resized_images(tmp_path: Path) -> None:
     sizes = json.loads((tmp_path / "prep" / NATIVE_SIZES).read_text())
     for id_ in ds.ids("test"):
         item = ds.load(id_)
-        label, fov = ds.native(id_)
+        label, _ = ds.native(id_)
         assert item.label.shape == (32, 32) and label.shape == (64, 64) == tuple(sizes[id_])
         small = cv2.resize(label.astype(np.uint8), (32, 32), interpolation=cv2.INTER_AREA) > 0
         assert (small == item.label).mean() > 0.8

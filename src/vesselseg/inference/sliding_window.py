@@ -31,8 +31,17 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTINGS", "compute_starts", "fit_window", "importance_map", "sliding_window_inference", "validate_args"]
+__all__ = [
+    "WEIGHTINGS",
+    "Weighting",
+    "compute_starts",
+    "fit_window",
+    "importance_map",
+    "sliding_window_inference",
+    "validate_args",
+]
 
+Weighting = Literal["constant", "gaussian"]
 WEIGHTINGS = ("constant", "gaussian")
 
 # Floor of the Gaussian importance map, as MONAI's compute_importance_map: with
@@ -148,7 +157,7 @@ def sliding_window_inference(
     window: int | tuple[int, int],
     overlap: float,
     predictor: Callable[[torch.Tensor], torch.Tensor],
-    weighting: Literal["constant", "gaussian"] = "gaussian",
+    weighting: Weighting = "gaussian",
     batch_size: int = 16,
     sigma_scale: float = 0.125,
     device: torch.device | str | None = None,

@@ -78,7 +78,7 @@ def reference_augment(aug: Any, im: np.ndarray, lb: np.ndarray, fv: np.ndarray) 
     """The plain per-sample, per-target albumentations call (what ``augment_batch`` must equal)."""
     if aug is None:
         return im, lb, fv
-    out = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]
+    out = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv, strict=True)]
     return tuple(np.stack([o[k] for o in out]) for k in ("image", "mask", "fov"))
 
 
@@ -128,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             steps_per_epoch=len(batches),
         )
         trainer.model.train()
-        premade = [b for _, b in zip(range(steps), batches._batches(10_000))]
+        premade = [b for _, b in zip(range(steps), batches._batches(10_000), strict=False)]  # the first `steps`
         epoch_no = iter(range(1, 1_000_000))
 
         def real_loop() -> None:
             it = batches.epoch(next(epoch_no))
             try:
-                for _, (x, y, m) in zip(range(steps), it):
+                for _, (x, y, m) in zip(range(steps), it, strict=False):  # the first `steps`
                     trainer.train_step(x, y, m)
             finally:
                 it.close()  # stops the prefetch thread, as the end of an epoch does
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         n = steps * batch
         rate_a = [n / t for t in times["a"]]
         rate_b = [n / t for t in times["b"]]
-        ratios = [tb / ta for ta, tb in zip(times["a"], times["b"])]
+        ratios = [tb / ta for ta, tb in zip(times["a"], times["b"], strict=True)]
         ratio = median(ratios)
 
         # Diagnosis: the loader alone, in the main thread, split into its parts; and the
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.from_numpy(np.ascontiguousarray(fast[1], dtype=np.float32))
                 torch.from_numpy(np.ascontiguousarray(fast[2], dtype=np.float32))
                 t4 = time.perf_counter()
-                same = same and all(np.array_equal(f, r) for f, r in zip(fast, ref))
-                for k, dt in zip(list(parts)[:4], (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                same = same and all(np.array_equal(f, r) for f, r in zip(fast, ref, strict=True))
+                for k, dt in zip(list(parts)[:4], (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                     acc[k] += dt
             aug = online_augmenter(flip=tp.flip, rotate90=tp.rotate90, seed=rep)
             t0 = time.perf_counter()

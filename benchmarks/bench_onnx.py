@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             image = rng.integers(0, 256, (h, w), dtype=np.uint8)
             diff = float(np.abs(predictors["torch"](image) - predictors["onnx"](image)).max())  # also the warm-up
             times = interleaved({k: (lambda p=p, im=image: p(im)) for k, p in predictors.items()}, repeats=rounds)
-            ratio = median([o / t for o, t in zip(times["onnx"], times["torch"])])
+            ratio = median([o / t for o, t in zip(times["onnx"], times["torch"], strict=True)])
             rows.append([f"{name} {h}x{w}", median(times["torch"]), median(times["onnx"]), ratio, diff])
             faster = "onnx" if ratio < 1.0 else "torch"
             checks.flag(

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         # the full params as they will run (overrides already merged above)
         scratch.make_project(repo, params, root=ROOT, env=env)
         print(f"scratch repository: {repo}\n\ndvc repro:", flush=True)
-        total, wall, inproc, out = timed_repro(repo, env, args.timeout)
+        total, wall, inproc, _out = timed_repro(repo, env, args.timeout)
         missing = [s for s in STAGES if s not in wall]
         noop_times, noop_ran = [], False
         for _ in range(args.noop_repeats):

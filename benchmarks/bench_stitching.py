@@ -206,7 +206,7 @@ def bench_stitch_only(sizes: dict[str, tuple[int, int]], repeats: int) -> list[d
                     "ours_s": statistics.median(t_o),
                     "monai_s": statistics.median(t_m),
                 }
-                row["b"] = statistics.median(o / m for o, m in zip(t_o, t_m))  # per-round ratios, as below
+                row["b"] = statistics.median(o / m for o, m in zip(t_o, t_m, strict=True))  # per-round ratios, as below
                 rows.append(row)
                 log.info("stitch only %s", row)
     return rows
@@ -272,13 +272,13 @@ def bench_matrix(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                 }
                 # Ratios per round (the three ran back to back), then their median: a
                 # load spike hits one round, not one side of every comparison.
-                row["b_raw"] = statistics.median(o / m for o, m in zip(t_ours, t_monai))
-                row["c"] = statistics.median(o / b for o, b in zip(t_ours, t_bare))
+                row["b_raw"] = statistics.median(o / m for o, m in zip(t_ours, t_monai, strict=True))
+                row["c"] = statistics.median(o / b for o, b in zip(t_ours, t_bare, strict=True))
                 # (b) at one forward time for both (see TimedPredictor); the forward
                 # times of the two sides are shown apart too, to show they are one work.
                 forward = statistics.median(f_ours + f_monai)
-                row["stitch_ours_s"] = statistics.median(t - f for t, f in zip(t_ours, f_ours))
-                row["stitch_monai_s"] = statistics.median(t - f for t, f in zip(t_monai, f_monai))
+                row["stitch_ours_s"] = statistics.median(t - f for t, f in zip(t_ours, f_ours, strict=True))
+                row["stitch_monai_s"] = statistics.median(t - f for t, f in zip(t_monai, f_monai, strict=True))
                 row["forward_s"] = forward
                 row["forward_ratio"] = statistics.median(f_ours) / statistics.median(f_monai)
                 row["b"] = (forward + row["stitch_ours_s"]) / (forward + row["stitch_monai_s"])
@@ -335,7 +335,7 @@ def bench_engine(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], repe
                     pair = [(t_o, ours), (t_m, lambda: monai_probs(x, window, weighting))]
                     for times, fn in pair[r % 2 :] + pair[: r % 2]:
                         times.append(timed(fn)[0])
-                ratio = statistics.median(o / m for o, m in zip(t_o, t_m))
+                ratio = statistics.median(o / m for o, m in zip(t_o, t_m, strict=True))
                 rows.append(
                     {
                         "image": name,
@@ -397,7 +397,7 @@ def dice_candidates(model_path: Path, prepared: Path, n_images: int, candidates:
     model, _ = load_model(model_path)
     ds = PreparedDataset(prepared)
     items = [ds.load(i) for i in ds.ids("test")[:n_images]]
-    configs = [(64, 0.75)] + candidates
+    configs = [(64, 0.75), *candidates]
     rows = []
     for window, overlap in configs:
         tp = fp = fn = 0

@@ -19,7 +19,7 @@ def test_stacked_augmentation_equals_per_sample_call(rgb: bool) -> None:
     fv = rng.integers(0, 2, (16, 12, 12), dtype=np.uint8)
     fast = augment_batch(online_augmenter(flip=True, rotate90=True, seed=5), im, lb, fv)
     ref_aug = online_augmenter(flip=True, rotate90=True, seed=5)
-    ref = [ref_aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]
+    ref = [ref_aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv, strict=True)]
     np.testing.assert_array_equal(fast[0], np.stack([r["image"] for r in ref]))
     np.testing.assert_array_equal(fast[1], np.stack([r["mask"] for r in ref]))
     np.testing.assert_array_equal(fast[2], np.stack([r["fov"] for r in ref]))

@@ -79,5 +79,5 @@ def test_training_step_in_channels_last_matches_nchw() -> None:
         m = torch.ones_like(y)
         a, b = fast.train_step(x, y, m), ref.train_step(x, y, m)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    for (name, p), q in zip(fast.raw_model.named_parameters(), ref.raw_model.parameters()):
+    for (name, p), q in zip(fast.raw_model.named_parameters(), ref.raw_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -13,6 +13,7 @@ import builtins
 import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ class _Disk:
         self.written: list[tuple[str, int]] = []  # (file name, bytes), in order
 
     def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        fh = builtins.open(file, mode, *args, **kwargs)
+        fh = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - a stand-in for open(): the caller closes it
         if not any(c in mode for c in "wax+"):
             return fh
         return _LimitedFile(fh, self, str(file))
@@ -214,7 +215,7 @@ def test_cli_prints_one_line_naming_the_file(
     assert "Traceback" not in err
     monkeypatch.undo()
     assert not (workspace / "out" / "val").exists()
-    assert not [p for p in (workspace / "out").rglob("*")]
+    assert not list((workspace / "out").rglob("*"))
 
 
 def test_atomic_writers_turn_enospc_into_one_error_and_keep_the_old_file(
@@ -252,7 +253,7 @@ def test_other_os_errors_keep_their_type(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(os, "fsync", denied)
-    with pytest.raises(OSError) as err:
+    with pytest.raises(OSError, match=re.escape(os.strerror(errno.EIO))) as err:
         atomic.write_text(tmp_path / "a.txt", "x")
     assert not isinstance(err.value, DiskFullError) and err.value.errno == errno.EIO
     monkeypatch.undo()

@@ -95,7 +95,7 @@ def test_load_volume_mean_matches_projection(bscans) -> None:
 def test_load_volume_errors(tmp_path: Path, bscans) -> None:
     from vesselseg.preprocess.volume import load_volume
 
-    paths, stack = bscans
+    paths, _ = bscans
     with pytest.raises(ParamsError, match="prepare.slab"):
         load_volume(paths, depth=4, slab=(4, 12))
     odd = _write_slices(tmp_path, [np.zeros((8, 6), np.uint8)])

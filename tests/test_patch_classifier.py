@@ -108,8 +108,8 @@ def test_grid_prediction_matches_centres_and_bilinear_interpolation(stride: int)
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (h, w)).astype(np.uint8)
     probs = predict_probability_map(CentreEcho(), noise, patch_size=PATCH + 1, stride=stride, batch_size=7)
-    rows = list(range(0, h, stride)) + [h - 1]
-    cols = list(range(0, w, stride)) + [w - 1]
+    rows = [*range(0, h, stride), h - 1]
+    cols = [*range(0, w, stride), w - 1]
     np.testing.assert_allclose(probs[np.ix_(rows, cols)], noise[np.ix_(rows, cols)] / 255.0, atol=2e-5)
     assert grid_stride(96, 32) == 12 and grid_stride(4, 32) == 1 and grid_stride(None, 32) == 8
 

@@ -30,7 +30,7 @@ def test_corners_keep_patches_inside() -> None:
 
 
 def test_foreground_sampling_raises_vessel_share() -> None:
-    image, label, fov = _scene()
+    _, label, fov = _scene()
     rng = np.random.default_rng(2)
     size = 8
     uni = sample_corners(label, fov, n=4000, size=size, sampling="uniform", foreground_fraction=0.5, rng=rng)
@@ -59,7 +59,7 @@ def test_crop_matches_slicing() -> None:
     image, _, _ = _scene()
     corners = np.array([[0, 0], [10, 20], [48, 64]], dtype=np.int32)
     patches = crop(image, corners, 16)
-    for p, (r, c) in zip(patches, corners):
+    for p, (r, c) in zip(patches, corners, strict=True):
         np.testing.assert_array_equal(p, image[r : r + 16, c : c + 16])
 
 

@@ -196,7 +196,7 @@ def test_read_slice_matches_pil(volume_files: list[Path]) -> None:
 
 
 def test_slices_of_differing_size(volume_files: list[Path]) -> None:
-    ok, buf = cv2.imencode(".bmp", np.zeros((DEPTH, WIDTH + 1), np.uint8))
+    _, buf = cv2.imencode(".bmp", np.zeros((DEPTH, WIDTH + 1), np.uint8))
     buf.tofile(volume_files[2])
     with pytest.raises(DataError, match=r"3\.bmp.*B-scan is 6x4.*1\.bmp is 5x4"):
         project_volume(volume_files, method="mean")

@@ -94,7 +94,7 @@ def _write_formats(folder: Path) -> list[Path]:
     out.append(folder / "f.gif")
     Image.fromarray(rgb).save(folder / "g.bmp")
     out.append(folder / "g.bmp")
-    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=-1)
     Image.fromarray(rgba).save(folder / "h_rgba.png")
     out.append(folder / "h_rgba.png")
     Image.fromarray(grey).save(folder / "i_grey.png")
@@ -267,7 +267,10 @@ def test_segment_with_a_shipped_name_works_offline(
 
 def test_tta_averages_views_and_is_exact_for_a_symmetric_predictor() -> None:
     image = np.arange(48 * 40, dtype=np.uint8).reshape(48, 40)
-    ident = lambda im: im.astype(np.float32) / 255
+
+    def ident(im: np.ndarray) -> np.ndarray:
+        return im.astype(np.float32) / 255
+
     for mode in ("flips", "d4"):
         assert np.allclose(seg.with_tta(ident, mode)(image), ident(image))
     calls = []

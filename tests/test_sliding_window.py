@@ -78,7 +78,7 @@ def test_window_equal_to_image_is_one_forward_pass(weighting: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "size,window,overlap",
+    ("size", "window", "overlap"),
     [
         (37, 16, 0.25),
         (53, 16, 0.5),
@@ -159,7 +159,7 @@ def test_progress_bar_and_low_precision_output() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    ("kwargs", "match"),
     [
         (dict(overlap=1.0), r"overlap must be >= 0 and < 1, got 1\.0"),
         (dict(overlap=-0.1), r"overlap must be >= 0 and < 1, got -0\.1"),
@@ -198,7 +198,9 @@ def test_bad_inputs_and_predictor_output() -> None:
 # results differ near window seams, by design.)  MONAI also pads images smaller than
 # the window, which we refuse, so no such case is compared.
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
-@pytest.mark.parametrize("size,window,overlap", [((56, 72), 16, 0.5), ((52, 40), 16, 0.25), ((28, 36), 16, 0.75)])
+@pytest.mark.parametrize(
+    ("size", "window", "overlap"), [((56, 72), 16, 0.5), ((52, 40), 16, 0.25), ((28, 36), 16, 0.75)]
+)
 def test_matches_monai(weighting: str, size: tuple[int, int], window: int, overlap: float) -> None:
     monai_inferers = pytest.importorskip("monai.inferers", reason="monai is not installed")
     torch.manual_seed(0)

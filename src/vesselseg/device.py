@@ -75,5 +75,6 @@ def to_channels_last(model: torch.nn.Module) -> bool:
     """
     if any(p.ndim == 5 for p in model.parameters()):
         return False
-    model.to(memory_format=torch.channels_last)
+    # torch's Module.to overloads omit memory_format, which Module.to accepts (and documents)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return True

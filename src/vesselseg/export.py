@@ -106,7 +106,7 @@ def onnx_bytes(model: nn.Module, config: dict[str, Any], spec: dict[str, Any] | 
         torch.onnx.export(
             wrapper,
             (example,),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch annotates f as a path; the TorchScript exporter (dynamo=False) writes to any file object
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},

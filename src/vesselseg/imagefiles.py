@@ -182,7 +182,7 @@ def _check_numbering(folder: Path, files: list[Path]) -> None:
         return
     numbers = [int(p.stem) for p in files]
     seen: dict[int, Path] = {}
-    for n, p in zip(numbers, files):
+    for n, p in zip(numbers, files, strict=True):
         if n in seen:
             raise DataError(f"{p}: B-scan number {n} appears twice (also {seen[n].name})")
         seen[n] = p

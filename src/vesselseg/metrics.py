@@ -123,10 +123,7 @@ def scores_from_confusion(tp: int, fp: int, fn: int, tn: int) -> dict[str, float
     pos, neg, total = tp + fn, fp + tn, tp + fp + fn + tn
     sens = tp / pos if pos else 1.0
     spec = tn / neg if neg else 1.0
-    if tp + fp:
-        prec = tp / (tp + fp)
-    else:
-        prec = 1.0 if pos == 0 else 0.0
+    prec = tp / (tp + fp) if tp + fp else (1.0 if pos == 0 else 0.0)
     dice_den = 2 * tp + fp + fn
     return {
         "dice": 2 * tp / dice_den if dice_den else 1.0,

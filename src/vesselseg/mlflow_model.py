@@ -55,7 +55,7 @@ with warnings.catch_warnings():
     # MLflow warns at class creation that predict() has no type hints; see predict()
     warnings.simplefilter("ignore", UserWarning)
 
-    class VesselsegPyfunc(PythonModel):  # type: ignore[misc,valid-type]
+    class VesselsegPyfunc(PythonModel):
         """pyfunc: uint8 image (H, W[, 3]) -> float32 vessel probability (H, W) at native size."""
 
         def load_context(self, context: Any) -> None:
@@ -65,7 +65,7 @@ with warnings.catch_warnings():
 
         # no type hints on purpose: MLflow 3 reads them as a schema (and then mangles a
         # plain ndarray input); the signature saved with the model is the schema
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        def predict(self, context, model_input, params=None):
             """uint8 image -> float32 (H, W) probabilities, as ``vesselseg segment`` writes them."""
             from vesselseg.segment import segment_image
 
@@ -165,7 +165,8 @@ def log_vesselseg_model(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    rid = run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    active = None if run_id else mlflow.active_run()
+    rid = run_id or (active.info.run_id if active else None)
     if rid is None:
         raise DataError("log_vesselseg_model: no run_id given and no active MLflow run")
     client = MlflowClient(tracking_uri=uri) if uri else MlflowClient()

@@ -52,7 +52,7 @@ def sample_corners(
     n_fg = 0
     if sampling == "foreground":
         cand_fg = np.flatnonzero(label & inside)
-        n_fg = int(round(n * foreground_fraction)) if cand_fg.size else 0
+        n_fg = int(round(n * foreground_fraction)) if cand_fg.size else 0  # noqa: RUF046 - int() kept as a guard against numpy scalars
     picks = [rng.choice(cand_all, size=n - n_fg, replace=True)]
     if n_fg:
         picks.append(rng.choice(cand_fg, size=n_fg, replace=True))
@@ -134,7 +134,7 @@ def extract_patches(
         fovs.append(fv)
         rows.append(pd.DataFrame({"image_id": item.id, "row": corners[:, 0], "col": corners[:, 1], "copy": 0}))
         for copy in range(1, augment_copies + 1):
-            out = [augment(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]  # type: ignore[misc]
+            out = [augment(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv, strict=True)]  # type: ignore[misc]
             imgs.append(np.stack([o["image"] for o in out]))
             labs.append(np.stack([o["mask"] for o in out]))
             fovs.append(np.stack([o["fov"] for o in out]))

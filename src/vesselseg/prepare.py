@@ -58,7 +58,7 @@ def _draw(
     out: dict[str, list[str]] = {rest: []}
     start = 0
     for split, frac in fractions.items():
-        n = int(round(len(keys) * frac))
+        n = int(round(len(keys) * frac))  # noqa: RUF046 - int() kept as a guard against numpy scalars
         if frac > 0 and n == 0 and len(keys) - start > 1:
             n = 1  # a requested split is never silently empty
         out[split] = [i for k in order[start : start + n] for i in groups[keys[k]]]

@@ -182,7 +182,7 @@ def _figure(ncols: int, width: float = 5.0) -> tuple[Any, list[Any]]:
     return fig, axes
 
 
-_STYLE = {"base": dict(linestyle="--", alpha=0.8), "new": dict(linestyle="-")}
+_STYLE: dict[str, dict[str, Any]] = {"base": dict(linestyle="--", alpha=0.8), "new": dict(linestyle="-")}
 
 
 def plot_history(histories: Mapping[str, tuple[str, pd.DataFrame | None]], target: Path) -> bool:

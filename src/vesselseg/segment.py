@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from vesselseg import atomic, imagefiles
 from vesselseg.errors import DataError, ParamsError, VesselsegError
 from vesselseg.inference.tta import TTA_MODES
+from vesselseg.pretrained import NAMES as PRETRAINED
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ __all__ = [
     "run_segment",
     "segment_image",
 ]
-
-from vesselseg.pretrained import NAMES as PRETRAINED
 
 BACKENDS = ("auto", "torch", "onnx")
 PROB_FORMATS = ("png16", "tiff")

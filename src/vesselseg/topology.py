@@ -143,10 +143,7 @@ class _Counts:
 def _ratios(c: _Counts) -> tuple[float, float, float]:
     """(clDice, Tprec, Tsens) from counts, with the zero-denominator rules of the module docstring."""
     tsens = c.label_skel_in_pred / c.label_skel if c.label_skel else 1.0
-    if c.pred_skel:
-        tprec = c.pred_skel_in_label / c.pred_skel
-    else:
-        tprec = 1.0 if c.label_skel == 0 else 0.0
+    tprec = c.pred_skel_in_label / c.pred_skel if c.pred_skel else (1.0 if c.label_skel == 0 else 0.0)
     den = tprec + tsens
     return (2.0 * tprec * tsens / den if den else 0.0), tprec, tsens
 
@@ -189,10 +186,7 @@ def _cal(
     p: np.ndarray, t: np.ndarray, s_p: np.ndarray, s_t: np.ndarray, b0_p: int, b0_t: int, alpha: int, beta: int
 ) -> CalScore:
     n_t = int(np.count_nonzero(t))
-    if n_t:
-        c = 1.0 - min(1.0, abs(b0_t - b0_p) / n_t)
-    else:
-        c = 1.0 if b0_p == 0 else 0.0
+    c = 1.0 - min(1.0, abs(b0_t - b0_p) / n_t) if n_t else (1.0 if b0_p == 0 else 0.0)
     dil_p, dil_t = _dilate(p, alpha), _dilate(t, alpha)
     union = int(np.count_nonzero(p | t))
     a = np.count_nonzero((dil_p & t) | (p & dil_t)) / union if union else 1.0

@@ -41,7 +41,7 @@ __all__ = ["family_of_model_file", "get_family", "network_config"]
 def get_family(name: str) -> Family:
     """The family object that trains and predicts ``model.name`` (its module imported on demand)."""
     module = importlib.import_module(info(name).module)
-    return module.FAMILY  # type: ignore[no-any-return]
+    return module.FAMILY
 
 
 def family_of_model_file(path: Path | str) -> Family:
@@ -61,4 +61,4 @@ def network_config(model: ModelParams) -> dict[str, Any]:
         from vesselseg.errors import ParamsError
 
         raise ParamsError(f"model.name: {model.name!r} is not a neural network")
-    return family.network_config(model)  # type: ignore[attr-defined, no-any-return]
+    return family.network_config(model)  # type: ignore[attr-defined]

@@ -55,7 +55,7 @@ from vesselseg.device import amp_dtype
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.families.base import NetworkFamily, Predictor, TrainingData, TrainJob, pooled_scores, require_val_split
 from vesselseg.inference.predict import foreground_probability
-from vesselseg.inference.sliding_window import fit_window, sliding_window_inference
+from vesselseg.inference.sliding_window import Weighting, fit_window, sliding_window_inference
 from vesselseg.inference.tta import predict_with_tta
 from vesselseg.params import ModelParams, PredictParams
 from vesselseg.prepared import PreparedDataset
@@ -147,7 +147,7 @@ def predict_volume(
     *,
     window: int | tuple[int, int],
     overlap: float,
-    weighting: str,
+    weighting: Weighting,
     batch_size: int,
     device: torch.device | str,
     amp: bool,

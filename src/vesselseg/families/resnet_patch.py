@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def predict_probability_map(
         raise DataError(f"image of {h}x{w} pixels is too small for a grid of patch centres (at least 2x2)")
     pad = patch_size
     widths = ((pad, pad), (pad, pad)) + (((0, 0),) if image.ndim == 3 else ())
-    mode = "reflect" if min(h, w) > pad else "symmetric"
+    mode: Literal["reflect", "symmetric"] = "reflect" if min(h, w) > pad else "symmetric"
     padded = np.pad(image, widths, mode=mode)
     rows = np.unique(np.append(np.arange(0, h, stride), h - 1))
     cols = np.unique(np.append(np.arange(0, w, stride), w - 1))
@@ -179,10 +179,11 @@ class ResNetPatchFamily(NetworkFamily):
         return {"name": self.name, "in_channels": model.in_channels, "width": model.resnet_patch.width}
 
     def init_weights(self, net: torch.nn.Module, model: ModelParams) -> None:
-        from vesselseg.models.resnet_patch import load_imagenet_weights
+        from vesselseg.models.resnet_patch import ResNetPatch, load_imagenet_weights
 
         if model.resnet_patch.weights:
-            load_imagenet_weights(net, Path(model.resnet_patch.weights).expanduser())
+            # net was built from this family's network_config, so it is a ResNetPatch
+            load_imagenet_weights(cast(ResNetPatch, net), Path(model.resnet_patch.weights).expanduser())
 
     def load_data(self, job: TrainJob, *, rank: int, world: int, pin_memory: bool) -> TrainingData:
         from vesselseg.patches import load_patches

@@ -139,7 +139,8 @@ class UNetFamily(NetworkFamily):
         from vesselseg.inference.predict import predict_image
 
         t = trainer.params
-        loss = val_loss(trainer, *data.state["val_patches"], t.batch_size)
+        va_images, va_labels, va_fov = data.state["val_patches"]
+        loss = val_loss(trainer, va_images, va_labels, va_fov, t.batch_size)
         trainer.raw_model.eval()
 
         def maps() -> Any:

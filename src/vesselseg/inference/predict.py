@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vesselseg import atomic, imagefiles
 from vesselseg.device import amp_dtype, resolve_device
 from vesselseg.errors import DataError, ParamsError
-from vesselseg.inference.sliding_window import fit_window, sliding_window_inference, validate_args
+from vesselseg.inference.sliding_window import Weighting, fit_window, sliding_window_inference, validate_args
 from vesselseg.normalize import image_to_input
 from vesselseg.params import PredictParams
 from vesselseg.prepared import PreparedDataset
@@ -90,7 +90,7 @@ def predict_image(
     *,
     window: int | tuple[int, int] | None,
     overlap: float,
-    weighting: str,
+    weighting: Weighting,
     batch_size: int,
     device: torch.device | str,
     amp: bool,

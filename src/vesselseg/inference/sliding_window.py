@@ -31,8 +31,17 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTINGS", "compute_starts", "fit_window", "importance_map", "sliding_window_inference", "validate_args"]
+__all__ = [
+    "WEIGHTINGS",
+    "Weighting",
+    "compute_starts",
+    "fit_window",
+    "importance_map",
+    "sliding_window_inference",
+    "validate_args",
+]
 
+Weighting = Literal["constant", "gaussian"]
 WEIGHTINGS = ("constant", "gaussian")
 
 # Floor of the Gaussian importance map, as MONAI's compute_importance_map: with
@@ -110,9 +119,9 @@ def compute_starts(size: int, window: int, overlap: float) -> list[int]:
         return [0]
     target = max(window * (1.0 - overlap), 1.0)
     # The small tolerance keeps e.g. 96 * (1 - 0.7) = 28.799999... from adding a window.
-    n = int(math.ceil(span / target - 1e-9)) + 1
+    n = math.ceil(span / target - 1e-9) + 1
     step = span / (n - 1)
-    return [int(round(step * i)) for i in range(n)]
+    return [round(step * i) for i in range(n)]
 
 
 def importance_map(
@@ -148,7 +157,7 @@ def sliding_window_inference(
     window: int | tuple[int, int],
     overlap: float,
     predictor: Callable[[torch.Tensor], torch.Tensor],
-    weighting: Literal["constant", "gaussian"] = "gaussian",
+    weighting: Weighting = "gaussian",
     batch_size: int = 16,
     sigma_scale: float = 0.125,
     device: torch.device | str | None = None,
@@ -190,7 +199,7 @@ def sliding_window_inference(
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(f"inputs must be an (N, C, H, W) tensor, got {shape}")
-    n_img, _, height, width = inputs.shape
+    _, _, height, width = inputs.shape
     if win[0] > height or win[1] > width:
         raise ValueError(
             f"predict.window {win[0]}x{win[1]} (h x w) is larger than the image {height}x{width}; "
@@ -274,7 +283,7 @@ def _stitch(
             pred = pred.float()
         # In-place accumulation into views of the output; the predictor's tensor is
         # never modified (it may alias the batch or the caller's data).
-        for p, (n, y, x) in zip(pred, chunk):
+        for p, (n, y, x) in zip(pred, chunk, strict=True):
             view = out[n, :, y : y + wh, x : x + ww]
             if constant:
                 view.add_(p)

@@ -64,7 +64,7 @@ def network_class(name: str, where: str = "model.name") -> type[nn.Module]:
     if spec is None:
         raise ParamsError(f"{where}: {name!r} is not a neural network (it has no torch model to build)")
     module, _, cls = spec.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:

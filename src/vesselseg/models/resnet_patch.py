@@ -62,6 +62,12 @@ class ResNetPatch(nn.Module):
         layers: blocks per stage; (3, 4, 6, 3) is ResNet34, (2, 2, 2, 2) ResNet18.
     """
 
+    # the four stages, set with setattr in __init__ under torchvision's names
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, in_channels: int = 1, width: int = 64, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,14 @@ def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     top = (x.shape[-2] - h) // 2
     left = (x.shape[-1] - w) // 2
     return x[..., top : top + h, left : left + w]
+
+
+class _BlockKwargs(TypedDict):
+    """The keywords :class:`UNet` passes to every :class:`DoubleConv` and :class:`Up`."""
+
+    batch_norm: bool
+    dropout: float
+    padding: int
 
 
 class DoubleConv(nn.Sequential):
@@ -165,7 +173,7 @@ class UNet(nn.Module):
         # training patches and to every sliding window at prediction time.
         self.input_norm: nn.Module = nn.InstanceNorm2d(in_channels, affine=False) if input_norm else nn.Identity()
         conv_pad = 1 if padding == "same" else 0
-        kw = {"batch_norm": batch_norm, "dropout": float(dropout), "padding": conv_pad}
+        kw: _BlockKwargs = {"batch_norm": batch_norm, "dropout": float(dropout), "padding": conv_pad}
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0], **kw)
         self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], **kw) for i in range(depth))

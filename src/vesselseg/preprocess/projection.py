@@ -152,9 +152,10 @@ def _decode_general(path: Path) -> np.ndarray:
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as err:
             raise DataError(f"{path}: cannot read B-scan ({err.strerror})") from None
-        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        if arr is None:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if decoded is None:
             raise DataError(f"{path}: not a readable image (unknown format or truncated file)")
+        arr = decoded
         if arr.ndim == 3:
             arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
     if arr.ndim != 2:
@@ -226,11 +227,11 @@ class SliceReader:
             n = (b - a) * layout.stride
             if self._buf.size < n:
                 self._buf = np.empty(n, dtype=np.uint8)
-            if os.preadv(fd, [memoryview(self._buf)[:n]], layout.offset + first * layout.stride) != n:
+            if os.preadv(fd, [self._buf.data[:n]], layout.offset + first * layout.stride) != n:
                 raise DataError(f"{path}: truncated BMP (pixel rows end early)")
         finally:
             os.close(fd)
-        data = self._buf[:n].reshape(b - a, layout.stride)
+        data: np.ndarray = self._buf[:n].reshape(b - a, layout.stride)
         if layout.lut is not None:
             data = cv2.LUT(data, layout.lut)
         return Rows(data, layout.width, layout.height, layout.bottom_up)

@@ -261,10 +261,7 @@ def preprocess_image(image: np.ndarray, spec: dict[str, Any], fov: np.ndarray | 
         gamma=spec["gamma"],
         mask=fov,
     )
-    if out.ndim == 3:
-        out = out * fov[..., None].astype(np.uint8)
-    else:
-        out = np.where(fov, out, 0).astype(np.uint8)
+    out = out * fov[..., None].astype(np.uint8) if out.ndim == 3 else np.where(fov, out, 0).astype(np.uint8)
     return PreparedImage(
         image=out, fov=fov, scale=scale, native_shape=native_shape, fov_derived=derived, native_fov=native_fov
     )

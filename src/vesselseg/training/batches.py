@@ -50,7 +50,7 @@ def augment_batch(
         c = chans.shape[-1]
         im_out = out[..., :c] if im.ndim == 4 else out[..., 0]
         return np.ascontiguousarray(im_out), np.ascontiguousarray(out[..., c]), np.ascontiguousarray(out[..., c + 1])
-    res = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv)]
+    res = [aug(image=a, mask=b, fov=c) for a, b, c in zip(im, lb, fv, strict=True)]
     return np.stack([o["image"] for o in res]), np.stack([o["mask"] for o in res]), np.stack([o["fov"] for o in res])
 
 

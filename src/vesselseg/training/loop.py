@@ -194,14 +194,14 @@ class Trainer:
         for x, y, m in batches.epoch(epoch):
             out = self.train_step(x, y, m)
             total += out["loss"] * out["n"]
-            count += out["n"]
+            count += int(out["n"])
             if time.monotonic() > deadline and not self.world.distributed:
                 log.warning("train.max_minutes reached in epoch %d after %d samples", epoch, count)
                 break
         stats = torch.tensor([total, float(count)], dtype=torch.float64)
         if self.world.distributed:
             torch.distributed.all_reduce(stats)
-        return float(stats[0] / max(stats[1], 1.0))
+        return float(stats[0]) / max(float(stats[1]), 1.0)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

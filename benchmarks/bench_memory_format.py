@@ -45,6 +45,7 @@ from vesselseg.losses import build_loss
 from vesselseg.models import build_model
 from vesselseg.params import Params, parse_params
 from vesselseg.recipes import compose, list_choices
+from vesselseg.registry import info
 from vesselseg.training.distributed import World
 from vesselseg.training.loop import Trainer
 
@@ -84,11 +85,12 @@ def train_step_fns(params: Params, seed: int) -> dict[str, Any]:
     x = torch.from_numpy(rng.random((batch, cfg.get("in_channels", 1), size, size), dtype=np.float32))
     y = torch.from_numpy((rng.random((batch, 1, size, size)) > 0.85).astype(np.float32))
     m = torch.ones_like(y)
-    if cfg.get("name") == "resnet_patch":  # a centre-pixel classifier: one label per patch
+    fam = info(cfg["name"])
+    if fam.target == "centre_pixel":  # a centre-pixel classifier: one label per patch
         y, m = y[:, :, size // 2, size // 2].reshape(batch, 1), torch.ones(batch, 1)
     torch.manual_seed(seed)
     net = build_model(cfg)
-    loss = params.train.loss if cfg.get("name") == "unet" else "bce"
+    loss = params.train.loss if fam.losses is None or params.train.loss in fam.losses else fam.losses[0]
     fns = {}
     for label, cl in (("nchw", False), ("channels_last", True)):
         tp = params.train.model_copy(update={"channels_last": cl, "device": "cpu"})
@@ -121,7 +123,7 @@ def predict_fns(params: Params, seed: int) -> dict[str, Any]:
     for label, cl in (("nchw", False), ("channels_last", True)):
         model = copy.deepcopy(net)
         used = cl and to_channels_last(model)
-        if cfg.get("name") == "resnet_patch":
+        if info(cfg["name"]).target == "centre_pixel":
             size = params.patches.size
             fns[label] = lambda m=model, u=used, im=image, s=size: predict_probability_map(
                 m,

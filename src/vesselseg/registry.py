@@ -28,7 +28,10 @@ class FamilyInfo:
     ``losses``: the ``train.loss`` values the family can train with (None: any);
     ``two_class``: whether ``model.out_channels: 2`` (softmax) is supported;
     ``one_channel``: the family reads one-channel inputs only (``model.in_channels: 1``);
-    ``needs_volumes``: trains on prepared volumes (``prepare.volumes: true``).
+    ``needs_volumes``: trains on prepared volumes (``prepare.volumes: true``);
+    ``target``: what one training sample is labelled with (``pixels``: a dense map;
+    ``centre_pixel``: one label per patch); ``exportable``: ``vesselseg export`` can
+    trace its network to ONNX/TorchScript.
     """
 
     name: str
@@ -40,6 +43,8 @@ class FamilyInfo:
     two_class: bool = False
     one_channel: bool = False
     needs_volumes: bool = False
+    target: str = "pixels"
+    exportable: bool = False
 
 
 FAMILIES: dict[str, FamilyInfo] = {
@@ -52,6 +57,7 @@ FAMILIES: dict[str, FamilyInfo] = {
             neural=True,
             network="vesselseg.models.unet:UNet",
             two_class=True,
+            exportable=True,
         ),
         FamilyInfo(
             "ipn",
@@ -70,6 +76,7 @@ FAMILIES: dict[str, FamilyInfo] = {
             neural=True,
             network="vesselseg.models.resnet_patch:ResNetPatch",
             losses=("bce",),
+            target="centre_pixel",
         ),
         FamilyInfo(
             "knn", "vesselseg.families.knn", "k-NN on 3x3 neighbourhoods (scikit-learn)", neural=False, one_channel=True

@@ -316,7 +316,7 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
         raise missing_spec_error(ref.path)
     check_spec(spec, where)
     family = family_of_model_file(ref.path)  # the registry decides how this model predicts an image
-    exportable = family.name == "unet"  # vesselseg.export traces the U-Net only
+    exportable = family.info.exportable  # vesselseg.export traces the U-Net only
     if backend == "auto":
         # one backend for the whole run, decided for every size at once (see
         # ONNX_WINS_FROM_PIXELS); the model file is exported to ONNX in memory (~2 s)

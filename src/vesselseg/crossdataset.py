@@ -140,6 +140,7 @@ def run_crossdataset(
         if not _split_ids(ds, chosen[name]):
             raise DataError(f"{ds.root}/split.json: dataset {name!r} has no {chosen[name]!r} images")
     cells: list[Cell] = []
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-crossdataset-", dir=Path(out).parent) as tmp:
         for m_name, m_path in models.items():
             for d_name, ds in prepared.items():

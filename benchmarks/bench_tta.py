@@ -100,7 +100,7 @@ def main() -> int:
         channels_last = to_channels_last(model)
         model.eval()
         header(
-            "test-time augmentation on DRIVE",
+            "test-time augmentation (whole image per pass)",
             model=f"{args.model} ({sum(p.numel() for p in model.parameters())} params, {meta.get('config')})",
             data=f"{prepared}, split {args.split}, {len(ids)} images",
             conditions=f"CPU, torch {torch.__version__}, {threads} thread(s), whole image per pass, "

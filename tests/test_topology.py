@@ -64,7 +64,7 @@ def test_broken_line() -> None:
     assert values["betti0_error"] == 1 and values["betti1_error"] == 0
     score = cal(pred, lab)
     # C: one extra component over 26 label pixels; the 3-px gap lies within the 2-px tolerance of A and L
-    assert (score.c, score.a, score.l) == (pytest.approx(1 - 1 / 26), 1.0, 1.0)
+    assert (score.connectivity, score.area, score.length) == (pytest.approx(1 - 1 / 26), 1.0, 1.0)
     assert values["cal"] == pytest.approx(score.cal)
 
 
@@ -103,7 +103,7 @@ def test_spur_lowers_precision_only() -> None:
     assert values["betti0_error"] == 0 and values["betti1_error"] == 0
     score = cal(pred, lab)
     # the two branch pixels nearest the vessel are within the 2-px tolerance, the other three not
-    assert (score.c, score.a, score.l) == (1.0, pytest.approx(28 / 31), pytest.approx(28 / 31))
+    assert (score.connectivity, score.area, score.length) == (1.0, pytest.approx(28 / 31), pytest.approx(28 / 31))
 
 
 def test_identical_masks() -> None:
@@ -146,7 +146,7 @@ def test_shifted_line_scores_zero_dice_but_full_cal() -> None:
     pred = line(row=6)  # the same vessel one pixel lower: no pixel overlaps
     assert not (pred & lab).any()
     score = cal(pred, lab)
-    assert (score.c, score.a, score.l) == (1.0, 1.0, 1.0)  # CAL tolerates a 2-px offset
+    assert (score.connectivity, score.area, score.length) == (1.0, 1.0, 1.0)  # CAL tolerates a 2-px offset
     assert cldice(pred, lab)[0] == 0.0
 
 
@@ -191,7 +191,7 @@ def test_cal_matches_its_formula_on_blobs() -> None:
         a = ((dil(p) & t) | (p & dil(t))).sum() / (p | t).sum()
         length = ((sp & dil(t)) | (dil(p) & st)).sum() / (sp | st).sum()
         score = cal(p, t)
-        assert (score.c, score.a, score.l) == (pytest.approx(c), pytest.approx(a), pytest.approx(length))
+        assert (score.connectivity, score.area, score.length) == (pytest.approx(c), pytest.approx(a), pytest.approx(length))
         assert 0 < score.cal < 1
 
 

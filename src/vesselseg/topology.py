@@ -165,15 +165,15 @@ def cldice(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None)
 
 @dataclass(frozen=True)
 class CalScore:
-    """CAL and its three factors (each in [0, 1])."""
+    """CAL and its three factors (each in [0, 1]): the paper's C, A and L."""
 
-    c: float
-    a: float
-    l: float  # noqa: E741  (the paper's name)
+    connectivity: float
+    area: float
+    length: float
 
     @property
     def cal(self) -> float:
-        return self.c * self.a * self.l
+        return self.connectivity * self.area * self.length
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -194,7 +194,7 @@ def _cal(
         dil_p, dil_t = _dilate(p, beta), _dilate(t, beta)
     skel_union = int(np.count_nonzero(s_p | s_t))
     length = np.count_nonzero((s_p & dil_t) | (dil_p & s_t)) / skel_union if skel_union else 1.0
-    return CalScore(float(c), float(a), float(length))
+    return CalScore(connectivity=float(c), area=float(a), length=float(length))
 
 
 def cal(

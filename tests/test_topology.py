@@ -191,7 +191,11 @@ def test_cal_matches_its_formula_on_blobs() -> None:
         a = ((dil(p) & t) | (p & dil(t))).sum() / (p | t).sum()
         length = ((sp & dil(t)) | (dil(p) & st)).sum() / (sp | st).sum()
         score = cal(p, t)
-        assert (score.connectivity, score.area, score.length) == (pytest.approx(c), pytest.approx(a), pytest.approx(length))
+        assert (score.connectivity, score.area, score.length) == (
+            pytest.approx(c),
+            pytest.approx(a),
+            pytest.approx(length),
+        )
         assert 0 < score.cal < 1
 
 

@@ -122,6 +122,7 @@ def _tracking_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogReco
 # Two server starts: about 10 s each on an idle machine, up to a minute each when
 # the machine is shared; 240 s leaves room without letting a hang run forever.
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_server_logging_and_midrun_loss(project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "server.db"
     server = MlflowServer(db, tmp_path / "srv").start()
@@ -190,6 +191,7 @@ def test_artifact_location_goes_through_an_http_server(tmp_path: Path) -> None:
 
 # the train stage on 4 tiny images (a few seconds) plus one server start
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_train_stage_artifact_is_readable_from_a_second_client_directory(tmp_path: Path) -> None:
     """The train stage run against a server: its history.csv artifact is on the server,
     not on the training client's disk, and a client in another folder downloads it intact."""

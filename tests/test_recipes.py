@@ -269,6 +269,7 @@ def _load_benchmark():
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_benchmark_on_a_tiny_config_keeps_failed_rows(tmp_path: Path) -> None:
     bench = _load_benchmark()
     conf = _conf_copy(tmp_path)

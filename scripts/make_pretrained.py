@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -75,12 +76,19 @@ def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
     }
 
 
+def _fmt(value: object) -> str:
+    """A metric as the card shows it: 4 decimals, or '-' where the run did not compute it."""
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=sorted(DATA_TERMS))
     ap.add_argument("--run", type=Path, required=True, help="a finished pipeline run (project folder)")
     ap.add_argument("--reproduce", required=True, help="the command that reproduces the run (goes in the card)")
     ap.add_argument("--drive", type=Path, default=ROOT.parent / "shared" / "datasets" / "DRIVE")
+    ap.add_argument("--conditions", default="", help="machine and load during training (goes beside the time)")
+    ap.add_argument("--note", default="", help="a sentence for the card (e.g. a target not met)")
     args = ap.parse_args()
 
     from vesselseg.models import read_model_file
@@ -103,8 +111,9 @@ def main() -> None:
         f"- training data: {DATA_TERMS[args.name]}",
         f"- model: `{params['model']['name']}`, {train.get('n_params')} parameters; best epoch "
         f"{train.get('best_epoch')} of {train.get('epochs_run')} (picked on validation images only), "
-        f"{train.get('train_seconds')} s of training",
+        f"{train.get('train_seconds')} s of training" + (f" ({args.conditions})" if args.conditions else ""),
         f"- reproduce: `{args.reproduce}`",
+        *([f"- note: {args.note}"] if args.note else []),
         "",
         "## Pipeline metrics (FOV pooled, threshold 0.5)",
         "",
@@ -113,13 +122,11 @@ def main() -> None:
     ]
     for split, v in metrics.items():
         if isinstance(v, dict) and "dice" in v:
-            lines.append(
-                f"| {split} | {v['dice']:.4f} | {v.get('auc_roc', float('nan')):.4f} | "
-                f"{v.get('cldice', float('nan')):.4f} | {v.get('sensitivity', float('nan')):.4f} | "
-                f"{v.get('specificity', float('nan')):.4f} |"
-            )
+            cells = [_fmt(v.get(k)) for k in ("dice", "auc_roc", "cldice", "sensitivity", "specificity")]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
     if args.name == "fundus":
         s = _drive_segment_scores(dest, args.drive / "test")
+        drive_shown = os.path.relpath(args.drive, ROOT)
         lines += [
             "",
             "## Through `vesselseg segment` (the shipped file, official FOV masks)",
@@ -129,7 +136,7 @@ def main() -> None:
             f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, "
             f"{s['seconds_per_image']:.2f} s per image on the CPU ({time.strftime('%Y-%m-%d')}).",
             "",
-            f"Command: `vesselseg segment {args.drive}/test/images --fov {args.drive}/test/mask "
+            f"Command: `vesselseg segment {drive_shown}/test/images --fov {drive_shown}/test/mask "
             f"--model fundus --out OUT`",
         ]
     lines += [

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Checks, header, interleaved, median, print_table
 
+from vesselseg.families import network_config
 from vesselseg.models import build_model, save_model
 from vesselseg.params import DataParams, ModelParams, PrepareParams
 from vesselseg.preprocess.spec import preprocessing_spec
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     model_params = ModelParams(depth=3, base_channels=16, dropout=0.0)
     torch.manual_seed(0)
-    net = build_model(model_params.network_config())
+    net = build_model(network_config(model_params))
     spec = preprocessing_spec(DataParams(dataset="drive"), PrepareParams(), model_params, 0.5)
     rows = []
     checks = Checks()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        save_model(path, net, model_params.network_config(), extra={"preprocessing": spec})
+        save_model(path, net, network_config(model_params), extra={"preprocessing": spec})
         predictors = {
             "torch": load_predictor(path, device="cpu", backend="torch"),
             "onnx": load_predictor(path, device="cpu", backend="onnx"),

@@ -51,6 +51,7 @@ import yaml  # noqa: E402
 from common import header, median, print_table  # noqa: E402
 
 from tools import scratch  # noqa: E402
+from vesselseg.families import network_config  # noqa: E402
 from vesselseg.params import Params  # noqa: E402
 
 DRIVE_SIZE = (584, 565)
@@ -111,7 +112,7 @@ def make_trainer(
     from vesselseg.training.loop import Trainer
 
     train = params.train.model_copy(update={"amp": amp, "channels_last": channels_last, "batch_size": batch})
-    config = params.model.network_config()
+    config = network_config(params.model)
     torch.manual_seed(0)
     return Trainer(
         model=build_model(config),
@@ -183,7 +184,7 @@ def bench_prediction(params: Params, device: torch.device, args: argparse.Namesp
     for mode in ("fp32", "AMP+channels_last"):
         amp, channels_last = MODES[mode]
         torch.manual_seed(0)
-        model = build_model(params.model.network_config()).to(device).eval()
+        model = build_model(network_config(params.model)).to(device).eval()
         if channels_last:
             channels_last = to_channels_last(model)
         for name, ((h, w), window) in sizes.items():
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = "none (CPU smoke run: the numbers mean nothing)"
         facts = {"GPU": gpu, "torch": torch.__version__}
     params = recipe_params(args.smoke)
-    net = params.model.network_config()
+    net = network_config(params.model)
     header("GPU throughput of vesselseg's Trainer and predict_image", **facts,
            network=f"{net['name']} depth {net['depth']} base {net['base_channels']} (conf/dataset/drive.yaml{' shrunk by --smoke' if args.smoke else ''}), "
                    f"{params.patches.size}-px patches, loss {params.train.loss}")  # fmt: skip

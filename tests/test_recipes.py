@@ -46,7 +46,13 @@ ISSUE_4 = {
 
 def test_every_issue_recipe_exists_validates_and_is_described() -> None:
     found = {r.name: r for r in list_recipes(CONF)}
-    assert set(found) == {*ISSUE_4, "default"}
+    # the issue's recipes, the default, and the recipes of the shipped pretrained models
+    pretrained = {"drive-onecycle": "drive", "octa-onecycle": "octa500-3m"}
+    assert set(found) == {*ISSUE_4, "default", *pretrained}
+    for name, dataset in pretrained.items():
+        params = parse_params(compose([f"dataset={dataset}", f"recipe={name}"], root=CONF))
+        assert params.recipe == name and params.train.scheduler == "onecycle" and params.train.max_minutes == 0
+        assert len(found[name].description) > 40 and "@package" not in found[name].description
     for name, model_name in ISSUE_4.items():
         assert load_recipe(name, CONF)["recipe"] == name
         params = parse_params(compose([f"recipe={name}"], root=CONF))

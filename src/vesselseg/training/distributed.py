@@ -53,3 +53,9 @@ def broadcast_flag(flag: bool, world: World) -> bool:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    """Destroy the process group (a DDP worker that returns normally, e.g. benchmarks/gpu.py)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

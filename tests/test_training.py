@@ -23,15 +23,14 @@ torch.set_num_threads(1)
 MODEL = {"depth": 2, "base_channels": 4, "batch_norm": True, "dropout": 0.1}
 
 
-def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
-    prepared = make_prepared(tmp / "prepared", fov_all=fov_all)
-    patches = tmp / "patches"
+def _patches(prepared: Path, out: Path, *, size: int, per_image: int, val_per_image: int) -> Path:
+    """Foreground-weighted patches without augmentation, seed 0."""
     run_patches(
         prepared_dir=prepared,
-        out_dir=patches,
-        size=16,
-        per_image=24,
-        val_per_image=8,
+        out_dir=out,
+        size=size,
+        per_image=per_image,
+        val_per_image=val_per_image,
         sampling="foreground",
         foreground_fraction=0.5,
         augment_copies=0,
@@ -39,6 +38,12 @@ def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
         scale_limit=0,
         seed=0,
     )
+    return out
+
+
+def _data(tmp: Path, fov_all: bool = False) -> tuple[Path, Path]:
+    prepared = make_prepared(tmp / "prepared", fov_all=fov_all)
+    patches = _patches(prepared, tmp / "patches", size=16, per_image=24, val_per_image=8)
     return prepared, patches
 
 
@@ -163,20 +168,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
 def test_valid_padding_unet_trains_on_cropped_targets(tmp_path: Path) -> None:
     """unet-valid: the output is smaller than the patch; labels are centre-cropped to it."""
     prepared = make_prepared(tmp_path / "prepared")
-    patches = tmp_path / "patches"
-    run_patches(
-        prepared_dir=prepared,
-        out_dir=patches,
-        size=44,
-        per_image=8,
-        val_per_image=4,
-        sampling="foreground",
-        foreground_fraction=0.5,
-        augment_copies=0,
-        rotate_limit=0,
-        scale_limit=0,
-        seed=0,
-    )
+    patches = _patches(prepared, tmp_path / "patches", size=44, per_image=8, val_per_image=4)
     model = {"depth": 1, "base_channels": 4, "padding": "valid", "upsampling": "transpose"}
     out, metrics = _fit(tmp_path, prepared, patches, "valid", model=model, loss="bce", epochs=2)
     assert (out / "model.pt").is_file() and metrics["epochs_run"] == 2

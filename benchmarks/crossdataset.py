@@ -70,6 +70,12 @@ def main() -> None:
     ap.add_argument("--target", action="append", required=True, help="NAME=SOURCE of a dataset to score on")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vesselseg-crossdataset"))
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "crossdataset")
+    ap.add_argument(
+        "--tta",
+        choices=("model", "none", "flips", "d4"),
+        default="model",
+        help="test-time augmentation; 'model': what the model file names (the shipped models: their recipe's)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -80,6 +86,9 @@ def main() -> None:
     spec = (read_model_file(m_path)["extra"] or {}).get("preprocessing")
     if spec is None:
         sys.exit(f"{m_path}: no preprocessing spec; re-save it with `vesselseg upgrade-model`")
+    from vesselseg.segment import model_tta
+
+    tta = model_tta(spec) if args.tta == "model" else args.tta
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     tr_name, _, tr_src = args.train_set.partition("=")
@@ -96,7 +105,7 @@ def main() -> None:
         models={m_name: Path(m_path)},
         datasets=datasets,
         out=args.out,
-        predict=PredictParams(window=None),
+        predict=PredictParams(window=None, tta=tta),
         splits=splits,
         device="cpu",
         amp=False,
@@ -104,7 +113,7 @@ def main() -> None:
     print(args.out.with_suffix(".md").read_text())
     print(
         f"{len(cells)} cells in {time.monotonic() - t0:.0f} s on {time.strftime('%Y-%m-%d')}; training-set median "
-        f"FOV diameter {diameter} px"
+        f"FOV diameter {diameter} px; TTA {tta}"
     )
 
 

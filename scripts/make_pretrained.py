@@ -48,7 +48,8 @@ def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
-    from vesselseg.segment import run_segment
+    from vesselseg.models import read_model_file
+    from vesselseg.segment import model_tta, run_segment
 
     images = sorted((drive_test / "images").glob("*_test.tif"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +73,34 @@ def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
         "f1": 2 * tp / (2 * tp + fp + fn),
         "auc": float(roc_auc_score(np.concatenate(ys), np.concatenate(ps))),
         "seconds_per_image": seconds,
+        "tta": model_tta(read_model_file(model)["extra"]["preprocessing"]),
         "n": len(images),
     }
+
+
+def _carry_predict_settings(model_file: Path, predict: object) -> None:
+    """Store the run's TTA and window in the shipped file's spec.
+
+    The train stage records the preprocessing but not how the predict stage ran (it
+    does not depend on ``predict``); the card's numbers come from that predict stage,
+    so ``segment --model NAME`` must run the same way by default (``--tta model``).
+    """
+    from vesselseg.models import load_model, save_model
+    from vesselseg.params import PredictParams
+
+    assert isinstance(predict, PredictParams)
+    model, meta = load_model(model_file, map_location="cpu")
+    extra = dict(meta.get("extra") or {})
+    spec = dict(extra["preprocessing"])
+    spec["tta"] = predict.tta
+    spec["window"] = {
+        "size": predict.window,
+        "overlap": float(predict.overlap),
+        "weighting": predict.weighting,
+        "batch_size": int(predict.batch_size),
+    }
+    extra["preprocessing"] = spec
+    save_model(model_file, model, dict(meta["config"]), extra=extra)
 
 
 def _fmt(value: object) -> str:
@@ -92,6 +119,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vesselseg.models import read_model_file
+    from vesselseg.params import load_params
     from vesselseg.segment import upgrade_model
 
     dest = ROOT / "src" / "vesselseg" / "pretrained" / f"{args.name}.pt"
@@ -101,6 +129,7 @@ def main() -> None:
     else:
         shutil.copyfile(src, dest)
     params = yaml.safe_load((args.run / "params.yaml").read_text())
+    _carry_predict_settings(dest, load_params(args.run / "params.yaml").predict)
     metrics = json.loads((args.run / "reports" / "metrics.json").read_text())
     train = json.loads((args.run / "reports" / "train" / "metrics.json").read_text())
     lines = [
@@ -133,7 +162,7 @@ def main() -> None:
             "",
             f"DRIVE test F1 (FOV pooled, segment): {s['f1']:.4f}",
             "",
-            f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, "
+            f"DRIVE test AUC (FOV pooled, segment): {s['auc']:.4f}; {s['n']} images, TTA {s['tta']} (the model's), "
             f"{s['seconds_per_image']:.2f} s per image on the CPU ({time.strftime('%Y-%m-%d')}).",
             "",
             f"Command: `vesselseg segment {drive_shown}/test/images --fov {drive_shown}/test/mask "
@@ -145,7 +174,7 @@ def main() -> None:
         "",
         "```yaml",
         yaml.safe_dump(
-            {k: params[k] for k in ("prepare", "patches", "model", "train") if k in params}, sort_keys=False
+            {k: params[k] for k in ("prepare", "patches", "model", "train", "predict") if k in params}, sort_keys=False
         ).rstrip(),
         "```",
         "",

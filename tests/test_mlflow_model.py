@@ -103,14 +103,15 @@ def test_champion_in_a_fresh_process_predicts_what_segment_writes(store: dict[st
         "m = mlflow.pyfunc.load_model('models:/vs-mlm@champion')\n"
         "np.save(sys.argv[2], m.predict(np.load(sys.argv[1])))\n"
     )
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "eye.npy"), str(tmp_path / "probs.npy")],
-        check=True,
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     pyfunc = np.load(tmp_path / "probs.npy")
     seg.run_segment([tmp_path / "eye.png"], model=store["model"], out_dir=tmp_path / "out", probs_format="tiff")
     written = tifffile.imread(tmp_path / "out" / "eye_probs.tif")

@@ -278,6 +278,21 @@ def test_tta_averages_views_and_is_exact_for_a_symmetric_predictor() -> None:
     assert len(calls) == 8 and (40, 48) in calls
 
 
+def test_default_tta_is_the_one_the_model_file_names(tmp_path: Path) -> None:
+    """A shipped model carries its recipe's TTA (spec["tta"]); segment applies it unless --tta says otherwise."""
+    model = tiny_model_file(tmp_path / "flips.pt", spec={**tiny_spec(), "tta": "flips"})
+    Image.fromarray(fundus_rgb(5, size=70)).save(tmp_path / "eye.png")
+    for mode in ("model", "flips", "none"):
+        seg.run_segment([tmp_path / "eye.png"], model=model, out_dir=tmp_path / mode, probs_format="tiff", tta=mode)
+    read = {m: tifffile.imread(tmp_path / m / "eye_probs.tif") for m in ("model", "flips", "none")}
+    assert np.array_equal(read["model"], read["flips"]) and not np.allclose(read["model"], read["none"])
+    bad = tiny_model_file(tmp_path / "bad.pt", spec={**tiny_spec(), "tta": "spin"})
+    res = seg.run_segment([tmp_path / "eye.png"], model=bad, out_dir=tmp_path / "never", tta="none")
+    assert res["failed"] == {}  # an explicit --tta never reads the spec's
+    with pytest.raises(DataError, match="unknown tta 'spin'"):
+        seg.run_segment([tmp_path / "eye.png"], model=bad, out_dir=tmp_path / "bad")
+
+
 def test_fov_diameter_rescales_and_maps_back_to_the_native_size(tmp_path: Path) -> None:
     spec = tiny_spec(fov_diameter=64)
     model = tiny_model_file(tmp_path / "m.pt", spec=spec, steps=5)
@@ -324,8 +339,8 @@ def _pooled_f1(out: Path, images: list[Path], drive: Path) -> float:
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path) -> None:
-    """Acceptance of issue 13: the 20 DRIVE test images through segment (and the ONNX file)."""
+def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acceptance of issue 13: the 20 DRIVE test images through segment, the ONNX file and ``models:/...@champion``."""
     drive = SHARED / "DRIVE" / "test"
     shipped = seg._pretrained_path("fundus")
     if not drive.is_dir():
@@ -342,6 +357,22 @@ def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path) ->
     onnx_file = export_model("fundus", "onnx", tmp_path / "fundus.onnx")
     seg.run_segment(images, model=onnx_file, out_dir=tmp_path / "onnx", fov_dir=drive / "mask")
     assert abs(_pooled_f1(tmp_path / "onnx", images, drive) - expected) <= 0.005
+    # the shipped file logged as an MLflow pyfunc model, registered, aliased @champion
+    from mlflow.tracking import MlflowClient
+
+    from vesselseg.mlflow_model import log_vesselseg_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("shipped", artifact_location=str(tmp_path / "art"))).info.run_id
+    source = log_vesselseg_model(shipped, run_id=run_id, uri=uri)
+    client.set_terminated(run_id)
+    client.create_registered_model("vs-fundus")
+    version = client.create_model_version("vs-fundus", source, run_id=run_id)
+    client.set_registered_model_alias("vs-fundus", "champion", version.version)
+    seg.run_segment(images, model="models:/vs-fundus@champion", out_dir=tmp_path / "mlflow", fov_dir=drive / "mask")
+    assert abs(_pooled_f1(tmp_path / "mlflow", images, drive) - expected) <= 0.005
 
 
 def test_segment_asks_the_family_registry(tmp_path: Path) -> None:

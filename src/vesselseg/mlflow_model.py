@@ -59,9 +59,11 @@ with warnings.catch_warnings():
         """pyfunc: uint8 image (H, W[, 3]) -> float32 vessel probability (H, W) at native size."""
 
         def load_context(self, context: Any) -> None:
-            from vesselseg.segment import load_predictor
+            from vesselseg.segment import load_predictor, model_tta, with_tta
 
             self._predictor = load_predictor(context.artifacts[ARTIFACT_KEY], device="cpu", backend="torch")
+            # the model's own TTA, as `vesselseg segment` applies by default
+            self._predict = with_tta(self._predictor, model_tta(self._predictor.spec))
 
         # no type hints on purpose: MLflow 3 reads them as a schema (and then mangles a
         # plain ndarray input); the signature saved with the model is the schema
@@ -74,7 +76,7 @@ with warnings.catch_warnings():
             image = np.asarray(model_input)
             if image.dtype != np.uint8:
                 raise DataError(f"input must be a uint8 image (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
-            return segment_image(image, self._predictor, self._predictor.spec).probs
+            return segment_image(image, self._predict, self._predictor.spec).probs
 
 
 def file_sha256(path: Path | str) -> str:

@@ -109,14 +109,18 @@ def _from_mlflow(uri: str) -> ModelRef:
         raise DataError(f"{uri}: MLflow model URIs need mlflow installed") from None
     from vesselseg.paths import default_tracking_uri
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(default_tracking_uri())
-    if not os.environ.get("MLFLOW_REGISTRY_URI"):
-        mlflow.set_registry_uri(mlflow.get_tracking_uri())
+    # explicit URIs, not mlflow.set_*_uri: those set process-wide state (and environment
+    # variables that child processes inherit), a side effect a library call must not have
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
     dest = Path(tempfile.mkdtemp(prefix="vesselseg-mlflow-"))
     atexit.register(shutil.rmtree, dest, True)  # the model is read once, at load; the copy goes at exit
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking, registry_uri=registry
+            )
+        )
     except MlflowException as err:
         raise DataError(f"{uri}: MLflow model not found ({str(err).splitlines()[0][:200]})") from None
     candidates = [local] if local.is_file() else sorted(local.rglob("*.pt"))
@@ -343,12 +347,26 @@ def load_predictor(model_ref: str | Path | ModelRef, device: str = "auto", backe
     return Predictor(loaded.predict_image, spec, "torch", ref.label)
 
 
+def model_tta(spec: dict[str, Any]) -> str:
+    """The TTA a model file asks for (``spec["tta"]``, set for the shipped models from their
+    recipe's ``predict.tta``), ``none`` when it names none.
+
+    Why a model may carry it: its card's numbers were measured with it, and a user who
+    runs ``--model fundus`` should get those numbers without knowing the recipe (as
+    nnU-Net mirrors by default).  ``--tta none|flips|d4`` overrides it.
+    """
+    mode = str(spec.get("tta", "none"))
+    if mode not in TTA_MODES:
+        raise DataError(f"model preprocessing spec names an unknown tta {mode!r} (one of {', '.join(TTA_MODES)})")
+    return mode
+
+
 def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable[[np.ndarray], np.ndarray]:
     """``predict`` averaged over flips (``flips``) or the 8 dihedral views (``d4``): the pipeline's own TTA."""
     from vesselseg.inference.tta import predict_with_tta
 
     if mode not in TTA_MODES:
-        raise ParamsError(f"--tta: unknown mode {mode!r} (one of {', '.join(TTA_MODES)})")
+        raise ParamsError(f"--tta: unknown mode {mode!r} (one of model, {', '.join(TTA_MODES)})")
     if mode == "none":
         return predict
     return lambda image: predict_with_tta(predict, image, mode)
@@ -523,7 +541,7 @@ def run_segment(
     fov_dir: Path | str | None = None,
     probs_format: str = "png16",
     backend: str = "auto",
-    tta: str = "none",
+    tta: str = "model",
     device: str = "auto",
 ) -> dict[str, Any]:
     """Segment every image of ``inputs``; returns ``{"ok": [paths], "failed": {path: message}, "csv": path}``.
@@ -545,12 +563,15 @@ def run_segment(
     if fov_dir is not None and not fov_dir.is_dir():
         raise DataError(f"{fov_dir}: --fov folder not found")
     predictor = load_predictor(model, device=device, backend=backend)
+    tta = model_tta(predictor.spec) if tta == "model" else tta
     predict = with_tta(predictor, tta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    log.info("segmenting %d image(s) with %s (%s backend)", len(paths), predictor.source, predictor.backend)
+    log.info(
+        "segmenting %d image(s) with %s (%s backend, tta %s)", len(paths), predictor.source, predictor.backend, tta
+    )
     bar = tqdm(paths, desc="segment", unit="img", disable=None)
     for path in bar:
         bar.set_postfix_str(path.name)
@@ -652,10 +673,11 @@ _PathArg = click.Path(path_type=Path)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
     "--tta",
-    type=click.Choice(TTA_MODES),
-    default="none",
+    type=click.Choice(("model", *TTA_MODES)),
+    default="model",
     show_default=True,
-    help="Test-time augmentation: mean over flips or the 8 rotations/flips.",
+    help="Test-time augmentation: mean over flips or the 8 rotations/flips; 'model': what the model file "
+    "asks for (the shipped models: their recipe's), else none.",
 )
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
 def segment(

@@ -111,7 +111,11 @@ def make_trainer(
     from vesselseg.training.distributed import World
     from vesselseg.training.loop import Trainer
 
-    train = params.train.model_copy(update={"amp": amp, "channels_last": channels_last, "batch_size": batch})
+    # no lr schedule: a throughput run takes any number of steps, and a one-cycle schedule
+    # (the DRIVE recipe's) refuses to step past epochs x steps; the step's cost is the same
+    train = params.train.model_copy(
+        update={"amp": amp, "channels_last": channels_last, "batch_size": batch, "scheduler": "none"}
+    )
     config = network_config(params.model)
     torch.manual_seed(0)
     return Trainer(

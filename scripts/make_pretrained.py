@@ -10,7 +10,9 @@ when the file predates the spec), and ``<name>.md`` is written from measured num
 only: the pipeline's validation and test metrics, and for ``fundus`` the 20 DRIVE
 test images through ``vesselseg segment`` with the official FOV masks (the line
 ``tests/test_segment.py::test_shipped_fundus_model_reaches_its_model_card_on_drive``
-checks).  Nothing in a card is typed by hand.
+checks).  Nothing in a card is typed by hand.  The weights are an output, tracked by
+DVC, not git: after building, ``dvc add src/vesselseg/pretrained/<name>.pt`` and
+``dvc push`` (the card goes to git).
 """
 
 from __future__ import annotations

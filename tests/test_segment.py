@@ -346,7 +346,7 @@ def test_shipped_fundus_model_reaches_its_model_card_on_drive(tmp_path: Path, mo
     if not drive.is_dir():
         pytest.skip(f"{drive} absent: DRIVE is not available on this machine")
     if not shipped.is_file():
-        pytest.skip(f"{shipped} absent: the pretrained fundus model is not in this checkout yet")
+        pytest.skip(f"{shipped} absent: `dvc pull {shipped}.dvc` (a DVC-tracked output, not a git file)")
     images = sorted((drive / "images").glob("*_test.tif"))
     assert len(images) == 20
     expected = _card_f1(shipped.with_suffix(".md"))

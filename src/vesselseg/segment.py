@@ -143,8 +143,11 @@ def resolve_model(ref: str | Path) -> ModelRef:
     if text in PRETRAINED:
         shipped = _pretrained_path(text)
         if not shipped.is_file():
+            # the weights are DVC-tracked outputs (``<name>.pt.dvc``), not git files
             raise DataError(
-                f"--model {text}: the pretrained {text!r} model is not shipped with this install (expected {shipped})"
+                f"--model {text}: the pretrained {text!r} model is not shipped with this install (expected "
+                f"{shipped}): `dvc pull {shipped}.dvc` from the project's DVC remote, or rebuild it with "
+                "`scripts/make_pretrained.py` (its model card has the command)"
             )
         return ModelRef("torch", shipped, text)
     if path.suffix or "/" in text:

@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vesselseg.inference.tta import TTA_MODES  # noqa: E402
 from vesselseg.params import DataParams, PredictParams, PrepareParams  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "crossdataset")
     ap.add_argument(
         "--tta",
-        choices=("model", "none", "flips", "d4"),
+        choices=("model", *TTA_MODES),
         default="model",
         help="test-time augmentation; 'model': what the model file names (the shipped models: their recipe's)",
     )

@@ -80,7 +80,7 @@ def _drive_segment_scores(model: Path, drive_test: Path) -> dict[str, float]:
     }
 
 
-def _carry_predict_settings(model_file: Path, predict: object) -> None:
+def _carry_predict_settings(model_file: Path, params_file: Path) -> None:
     """Store the run's TTA and window in the shipped file's spec.
 
     The train stage records the preprocessing but not how the predict stage ran (it
@@ -88,19 +88,16 @@ def _carry_predict_settings(model_file: Path, predict: object) -> None:
     so ``segment --model NAME`` must run the same way by default (``--tta model``).
     """
     from vesselseg.models import load_model, save_model
-    from vesselseg.params import PredictParams
+    from vesselseg.params import load_params
+    from vesselseg.preprocess.spec import preprocessing_spec
 
-    assert isinstance(predict, PredictParams)
+    p = load_params(params_file)
     model, meta = load_model(model_file, map_location="cpu")
     extra = dict(meta.get("extra") or {})
     spec = dict(extra["preprocessing"])
-    spec["tta"] = predict.tta
-    spec["window"] = {
-        "size": predict.window,
-        "overlap": float(predict.overlap),
-        "weighting": predict.weighting,
-        "batch_size": int(predict.batch_size),
-    }
+    # the window as preprocessing_spec writes it (one home), from the run's predict section
+    spec["window"] = preprocessing_spec(p.data, p.prepare, p.model, spec["threshold"], predict=p.predict)["window"]
+    spec["tta"] = p.predict.tta
     extra["preprocessing"] = spec
     save_model(model_file, model, dict(meta["config"]), extra=extra)
 
@@ -121,7 +118,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from vesselseg.models import read_model_file
-    from vesselseg.params import load_params
     from vesselseg.segment import upgrade_model
 
     dest = ROOT / "src" / "vesselseg" / "pretrained" / f"{args.name}.pt"
@@ -131,7 +127,7 @@ def main() -> None:
     else:
         shutil.copyfile(src, dest)
     params = yaml.safe_load((args.run / "params.yaml").read_text())
-    _carry_predict_settings(dest, load_params(args.run / "params.yaml").predict)
+    _carry_predict_settings(dest, args.run / "params.yaml")
     metrics = json.loads((args.run / "reports" / "metrics.json").read_text())
     train = json.loads((args.run / "reports" / "train" / "metrics.json").read_text())
     lines = [

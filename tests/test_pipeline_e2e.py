@@ -229,11 +229,13 @@ def test_unknown_name_stops_dvc_exp_run_before_any_stage(
 def test_missing_source_stops_the_download_stage_in_one_line(repo: tuple[Path, dict[str, str]]) -> None:
     """The first stage refuses a data.source that does not exist before reading anything:
     one `error:` line, nothing else run.  (DVC itself removed data/raw before the stage
-    started, as `dvc repro` does for every stage it runs; `dvc checkout` restores it.)"""
+    started, as `dvc repro` does for every stage it runs; `dvc checkout dvc.yaml` restores
+    it.  The target is the pipeline: the shipped pretrained weights are DVC-tracked too and
+    this scratch project, like any clone without the project's DVC remote, lacks them.)"""
     root, env = repo
     out = _failed(["dvc", "exp", "run", "-S", "dataset=drive", "-S", "data.source=/nonexistent/DRIVE"], root, env)
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: data.source: /nonexistent/DRIVE does not exist"), out
     assert re.findall(r"Running stage '(\w+)'", out) == ["download"] and "Traceback" not in out
     _run(["git", "checkout", "--", "params.yaml"], root, env)
-    _run(["dvc", "checkout", "--force"], root, env)
+    _run(["dvc", "checkout", "--force", "dvc.yaml"], root, env)

@@ -181,3 +181,90 @@ def test_center_crop_to() -> None:
     t = torch.arange(36.0).reshape(1, 1, 6, 6)
     out = center_crop_to(t, torch.zeros(1, 1, 2, 2))
     assert out.flatten().tolist() == [14.0, 15.0, 20.0, 21.0]
+
+
+def _ema_trainer(ema: float):
+    from vesselseg.losses import build_loss
+    from vesselseg.models import build_model
+    from vesselseg.params import TrainParams
+    from vesselseg.training.distributed import World
+    from vesselseg.training.loop import Trainer
+
+    torch.manual_seed(0)
+    config = {"name": "unet", "in_channels": 1, "out_channels": 1, **MODEL, "dropout": 0.0}
+    params = TrainParams(ema=ema, lr=1e-2, amp=False, channels_last=False)
+    return Trainer(
+        model=build_model(config),
+        model_config=config,
+        loss_fn=build_loss("bce"),
+        params=params,
+        seed=0,
+        device=torch.device("cpu"),
+        world=World(),
+        steps_per_epoch=4,
+    )
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    return x, (x > 0.6).float(), torch.ones_like(x)
+
+
+def _weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def test_ema_weights_are_the_moving_average_and_are_what_validation_sees() -> None:
+    """train.ema 0.5: the first step copies the weights, the next averages half and half
+    (running BatchNorm statistics included); inside ``selection_weights`` the model holds
+    that average, and after it the live weights again."""
+    t = _ema_trainer(0.5)
+    t.train_step(*_batch(1))
+    w1 = _weights(t.raw_model)
+    t.train_step(*_batch(2))
+    w2 = _weights(t.raw_model)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    with t.selection_weights():
+        seen = _weights(t.raw_model)
+    assert seen.keys() == w1.keys()
+    for k in w1:
+        torch.testing.assert_close(seen[k], 0.5 * w1[k] + 0.5 * w2[k], rtol=1e-6, atol=1e-7)
+    after = _weights(t.raw_model)
+    assert all(torch.equal(after[k], w2[k]) for k in w2)
+    off = _ema_trainer(0.0)
+    off.train_step(*_batch(1))
+    with off.selection_weights():
+        assert all(torch.equal(v, w1[k]) for k, v in _weights(off.raw_model).items())
+
+
+def test_ema_state_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    """The checkpoint carries the average: a trainer restored after two steps continues
+    to the same averaged weights as one that never stopped."""
+    from vesselseg.training import checkpoint as ckpt
+
+    a = _ema_trainer(0.9)
+    for s in (1, 2):
+        a.train_step(*_batch(s))
+    ckpt.save_checkpoint(tmp_path / "ckpt.pt", a.state(1, "fp"))
+    b = _ema_trainer(0.9)
+    b.restore(ckpt.load_checkpoint(tmp_path / "ckpt.pt", "fp"))
+    for t in (a, b):
+        t.train_step(*_batch(3))
+    with a.selection_weights():
+        wa = _weights(a.raw_model)
+    with b.selection_weights():
+        wb = _weights(b.raw_model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fit_with_ema_saves_the_averaged_weights_it_validated(tmp_path: Path) -> None:
+    prepared, patches = _data(tmp_path)
+    live, _ = _fit(tmp_path, prepared, patches, "live")
+    avg, metrics = _fit(tmp_path, prepared, patches, "ema", ema=0.9)
+    a = torch.load(live / "model.pt", weights_only=True)
+    b = torch.load(avg / "model.pt", weights_only=True)
+    assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    hist = pd.read_csv(avg / "history.csv")
+    assert metrics["best_epoch"] == int(hist.val_dice.idxmax()) + 1
+    assert metrics["best_val_dice"] == pytest.approx(hist.val_dice.max(), abs=1e-6)

@@ -197,6 +197,7 @@ class TrainParams(_Section):
     amp: bool = True
     channels_last: bool = True
     max_minutes: float = Field(0.0, ge=0.0)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class PredictParams(_Section):

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vesselseg import atomic
 from vesselseg.device import amp_dtype, resolve_device, set_threads, to_channels_last
@@ -136,6 +137,12 @@ class Trainer:
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 self.optimizer, max_lr=params.lr, total_steps=max(1, params.epochs * steps_per_epoch)
             )
+        # EMA of the weights (train.ema): torch's AveragedModel keeps the shadow copy and its
+        # step count; use_buffers averages BatchNorm statistics with the weights, so the
+        # averaged net is valid as it stands (no extra BN pass over the data).
+        self.ema: AveragedModel | None = None
+        if params.ema > 0:
+            self.ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(params.ema), use_buffers=True)
         self.amp = amp_dtype(device) if params.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.history: list[dict[str, float]] = []
@@ -177,6 +184,8 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw_model)
         if self.batch_scheduler:
             self.scheduler.step()
         return {"loss": float(loss.detach()), "n": int(x.shape[0])}
@@ -206,6 +215,24 @@ class Trainer:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @contextlib.contextmanager
+    def selection_weights(self) -> Iterator[None]:
+        """The weights an epoch is judged and kept by: the EMA ones under ``train.ema``.
+
+        They are swapped into the raw model for the duration (and the live weights put
+        back after), so every family's ``validate`` hook and the best-weights copy work
+        unchanged and the saved model file is an ordinary one.
+        """
+        if self.ema is None:
+            yield
+            return
+        live = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        self.raw_model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.raw_model.load_state_dict(live)
+
     # -- state ----------------------------------------------------------------------
     def state(self, epoch: int, fingerprint: str) -> dict[str, Any]:
         return {
@@ -219,6 +246,7 @@ class Trainer:
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -232,6 +260,8 @@ class Trainer:
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
         self.best_state = state.get("best_state")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch = int(state["epoch"]) + 1
         ckpt.set_rng_state(state["rng"])
 
@@ -279,8 +309,14 @@ def run_epochs(
             trainer.scheduler.step()
         stop = False
         if world.is_main:
-            val = validate(epoch)
-            score = val[params.select_metric]
+            with trainer.selection_weights():
+                val = validate(epoch)
+                score = val[params.select_metric]
+                if score > trainer.best_score:
+                    trainer.best_score, trainer.best_epoch = score, epoch
+                    trainer.best_state = {
+                        k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()
+                    }
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -291,11 +327,6 @@ def run_epochs(
                 "seconds": round(time.monotonic() - e0, 2),
             }
             trainer.history.append(row)
-            if score > trainer.best_score:
-                trainer.best_score, trainer.best_epoch = score, epoch
-                trainer.best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in trainer.raw_model.state_dict().items()
-                }
             write_history(history_path, trainer.history)
             ckpt.save_checkpoint(checkpoint_path, trainer.state(epoch, fingerprint))
             if logger is not None:

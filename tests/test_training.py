@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -183,7 +184,7 @@ def test_center_crop_to() -> None:
     assert out.flatten().tolist() == [14.0, 15.0, 20.0, 21.0]
 
 
-def _ema_trainer(ema: float):
+def _ema_trainer(ema: float, bn_batches: int = 2):
     from vesselseg.losses import build_loss
     from vesselseg.models import build_model
     from vesselseg.params import TrainParams
@@ -192,7 +193,7 @@ def _ema_trainer(ema: float):
 
     torch.manual_seed(0)
     config = {"name": "unet", "in_channels": 1, "out_channels": 1, **MODEL, "dropout": 0.0}
-    params = TrainParams(ema=ema, lr=1e-2, amp=False, channels_last=False)
+    params = TrainParams(ema=ema, ema_bn_batches=bn_batches, lr=1e-2, amp=False, channels_last=False)
     return Trainer(
         model=build_model(config),
         model_config=config,
@@ -211,31 +212,57 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, (x > 0.6).float(), torch.ones_like(x)
 
 
-def _weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+class _Batches:
+    """``epoch(e)`` yields fixed batches and records how many were drawn."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds, self.drawn = seeds, 0
+
+    def epoch(self, epoch: int):
+        for s in self.seeds:
+            self.drawn += 1
+            yield _batch(s)
+
+
+def _params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def _bn_stats(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if "running_" in k}
 
 
 def test_ema_weights_are_the_moving_average_and_are_what_validation_sees() -> None:
-    """train.ema 0.5: the first step copies the weights, the next averages half and half
-    (running BatchNorm statistics included); inside ``selection_weights`` the model holds
-    that average, and after it the live weights again."""
-    t = _ema_trainer(0.5)
+    """train.ema 0.5: the first step copies the weights, the next averages half and half;
+    inside ``selection_weights`` the model holds that average with BatchNorm statistics
+    re-estimated on ``ema_bn_batches`` training batches (the cumulative mean of what the
+    averaged net sees), and after it the live weights and statistics again."""
+    from torch.optim.swa_utils import update_bn
+
+    t = _ema_trainer(0.5, bn_batches=2)
     t.train_step(*_batch(1))
-    w1 = _weights(t.raw_model)
+    w1 = _params(t.raw_model)
     t.train_step(*_batch(2))
-    w2 = _weights(t.raw_model)
+    w2, live_bn = _params(t.raw_model), _bn_stats(t.raw_model)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
-    with t.selection_weights():
-        seen = _weights(t.raw_model)
-    assert seen.keys() == w1.keys()
+    batches = _Batches([7, 8, 9])
+    with t.selection_weights(batches, epoch=3):
+        seen, seen_bn = _params(t.raw_model), _bn_stats(t.raw_model)
+    assert batches.drawn == 2
     for k in w1:
         torch.testing.assert_close(seen[k], 0.5 * w1[k] + 0.5 * w2[k], rtol=1e-6, atol=1e-7)
-    after = _weights(t.raw_model)
-    assert all(torch.equal(after[k], w2[k]) for k in w2)
+    ref = copy.deepcopy(t.raw_model)
+    ref.load_state_dict(seen, strict=False)
+    update_bn([_batch(7)[0], _batch(8)[0]], ref)
+    assert all(torch.allclose(seen_bn[k], v) for k, v in _bn_stats(ref).items())
+    assert any(not torch.allclose(seen_bn[k], live_bn[k]) for k in live_bn)
+    assert all(torch.equal(v, w2[k]) for k, v in _params(t.raw_model).items())
+    assert all(torch.equal(v, live_bn[k]) for k, v in _bn_stats(t.raw_model).items())
     off = _ema_trainer(0.0)
     off.train_step(*_batch(1))
-    with off.selection_weights():
-        assert all(torch.equal(v, w1[k]) for k, v in _weights(off.raw_model).items())
+    with off.selection_weights(batches, epoch=3):
+        assert all(torch.equal(v, w1[k]) for k, v in _params(off.raw_model).items())
+    assert batches.drawn == 2
 
 
 def test_ema_state_resumes_from_the_checkpoint(tmp_path: Path) -> None:
@@ -251,20 +278,23 @@ def test_ema_state_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     b.restore(ckpt.load_checkpoint(tmp_path / "ckpt.pt", "fp"))
     for t in (a, b):
         t.train_step(*_batch(3))
-    with a.selection_weights():
-        wa = _weights(a.raw_model)
-    with b.selection_weights():
-        wb = _weights(b.raw_model)
+    with a.selection_weights(_Batches([4]), epoch=2):
+        wa = _params(a.raw_model)
+    with b.selection_weights(_Batches([4]), epoch=2):
+        wb = _params(b.raw_model)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_fit_with_ema_saves_the_averaged_weights_it_validated(tmp_path: Path) -> None:
+    """End to end: the saved model is the averaged one, picked by its own validation
+    score, and it is a working net (the score is not collapsed by stale statistics)."""
     prepared, patches = _data(tmp_path)
-    live, _ = _fit(tmp_path, prepared, patches, "live")
-    avg, metrics = _fit(tmp_path, prepared, patches, "ema", ema=0.9)
+    live, live_metrics = _fit(tmp_path, prepared, patches, "live", epochs=4)
+    avg, metrics = _fit(tmp_path, prepared, patches, "ema", epochs=4, ema=0.8)
     a = torch.load(live / "model.pt", weights_only=True)
     b = torch.load(avg / "model.pt", weights_only=True)
     assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     hist = pd.read_csv(avg / "history.csv")
     assert metrics["best_epoch"] == int(hist.val_dice.idxmax()) + 1
     assert metrics["best_val_dice"] == pytest.approx(hist.val_dice.max(), abs=1e-6)
+    assert metrics["best_val_dice"] > 0.8 * live_metrics["best_val_dice"], (metrics, live_metrics)

@@ -198,6 +198,7 @@ class TrainParams(_Section):
     channels_last: bool = True
     max_minutes: float = Field(0.0, ge=0.0)
     ema: float = Field(0.0, ge=0.0, lt=1.0)
+    ema_bn_batches: int = Field(32, ge=1)
 
 
 class PredictParams(_Section):

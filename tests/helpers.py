@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vesselseg.prepared import write_item
+
+if TYPE_CHECKING:
+    import torch
+
+    from vesselseg.losses import LossName
+    from vesselseg.params import TrainParams
+    from vesselseg.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -78,3 +86,25 @@ def fit_family(
         metrics_path=out / "metrics.json",
     )
     return (family or get_family(params.model.name)).fit(job)  # type: ignore[attr-defined, no-any-return]
+
+
+def cpu_trainer(
+    net: torch.nn.Module, config: dict, params: TrainParams, loss: LossName = "bce", steps_per_epoch: int = 1
+) -> Trainer:
+    """A single-process CPU :class:`~vesselseg.training.loop.Trainer` for step-level tests."""
+    import torch
+
+    from vesselseg.losses import build_loss
+    from vesselseg.training.distributed import World
+    from vesselseg.training.loop import Trainer
+
+    return Trainer(
+        model=net,
+        model_config=config,
+        loss_fn=build_loss(loss),
+        params=params,
+        seed=0,
+        device=torch.device("cpu"),
+        world=World(),
+        steps_per_epoch=steps_per_epoch,
+    )

@@ -11,12 +11,11 @@ import copy
 import pytest
 import torch
 
+from tests.helpers import cpu_trainer
 from vesselseg.device import to_channels_last
 from vesselseg.families import network_config
-from vesselseg.losses import build_loss
 from vesselseg.models import build_model
 from vesselseg.params import ModelParams, TrainParams
-from vesselseg.training.distributed import World
 from vesselseg.training.loop import Trainer
 
 CL = torch.channels_last
@@ -52,16 +51,7 @@ def test_3d_net_is_left_in_its_layout() -> None:
 
 def _trainer(net: torch.nn.Module, config: dict, channels_last: bool) -> Trainer:
     params = TrainParams(batch_size=4, lr=1e-2, threads=1, device="cpu", channels_last=channels_last)
-    return Trainer(
-        model=net,
-        model_config=config,
-        loss_fn=build_loss("bce+dice"),
-        params=params,
-        seed=0,
-        device=torch.device("cpu"),
-        world=World(),
-        steps_per_epoch=1,
-    )
+    return cpu_trainer(net, config, params, loss="bce+dice")
 
 
 def test_training_step_in_channels_last_matches_nchw() -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import ROOT, fit_family, make_prepared
+from tests.helpers import ROOT, cpu_trainer, fit_family, make_prepared
 from vesselseg.patches import run_patches
 
 torch.set_num_threads(1)
@@ -185,25 +185,13 @@ def test_center_crop_to() -> None:
 
 
 def _ema_trainer(ema: float, bn_batches: int = 2):
-    from vesselseg.losses import build_loss
     from vesselseg.models import build_model
     from vesselseg.params import TrainParams
-    from vesselseg.training.distributed import World
-    from vesselseg.training.loop import Trainer
 
     torch.manual_seed(0)
     config = {"name": "unet", "in_channels": 1, "out_channels": 1, **MODEL, "dropout": 0.0}
     params = TrainParams(ema=ema, ema_bn_batches=bn_batches, lr=1e-2, amp=False, channels_last=False)
-    return Trainer(
-        model=build_model(config),
-        model_config=config,
-        loss_fn=build_loss("bce"),
-        params=params,
-        seed=0,
-        device=torch.device("cpu"),
-        world=World(),
-        steps_per_epoch=4,
-    )
+    return cpu_trainer(build_model(config), config, params, steps_per_epoch=4)
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,25 +3,15 @@ run on a tiny trained model (one model and an ensemble of two)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, make_prepared
+from tests.helpers import load_benchmark, make_prepared
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("error_anatomy", ROOT / "benchmarks" / "error_anatomy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ea = _load()
+ea = load_benchmark("error_anatomy.py", "error_anatomy")
 
 
 def bar_case():

@@ -4,7 +4,6 @@ table, the benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.helpers import ROOT, load_benchmark
 from vesselseg.errors import ParamsError
 from vesselseg.params import parse_params
 from vesselseg.recipes import (
@@ -30,7 +30,6 @@ from vesselseg.recipes import (
     write_params,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 ISSUE_4 = {
     "patches-unet3": "unet",
@@ -267,11 +266,7 @@ def test_table_from_mlflow_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_recipes", ROOT / "benchmarks" / "recipes.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("recipes.py", "bench_recipes")
 
 
 @pytest.mark.timeout(240)

@@ -3,13 +3,31 @@
 Every clone carries main's `dvc.lock` and the `cache: false` metrics and plots, so
 `dvc exp show`, `dvc metrics show` and `vesselseg report` have a baseline without
 running anything.  This test clones the repository at HEAD (what a new user gets), runs
-`dvc repro` there and checks that every metric equals the committed one within 1e-3.
+`dvc repro` there and checks the metrics against the committed ones.
+
+How close "reproduces" can be depends on the CPU.  On the CPU kind that made the
+baseline, a clone gives a byte-identical `reports/metrics.json` (measured 2026-11-30
+and 2026-12-01 on an AMD EPYC with AVX2).  Another kind trains through other
+vectorised kernels, which sum in another order: an Intel Xeon with AVX-512 drifted to
+a test Dice of 0.9609 against the committed 0.9629.  Capping its kernels at AVX2
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) gave 0.9641, so no setting
+makes two CPU kinds agree bit for bit.  Over those three runs the widest spreads were
+0.0046 on a rate (balanced accuracy), 1.5 on a mean Betti-1 error and 2 on the best
+epoch (9 against 11).  So the test asserts:
+
+* the numbers that define the run (images scored, parameters, epochs run): equal;
+* rates and losses: within ``TOLERANCE`` (0.01, about twice the spread measured
+  across CPU kinds; a real regression of the default pipeline is larger);
+* mean Betti errors per image: within ``BETTI_TOLERANCE`` (3 components or loops).
+
+The best epoch is not asserted: among near-equal validation scores it depends on the
+CPU, and its quality is checked by ``best_val_dice``.
 
 It also reports which `dvc.lock` entries changed: on the machine that made the
 baseline, only the two files that record wall-clock seconds (`reports/train/history.csv`
 column `seconds`, `reports/train/metrics.json` key `train_seconds`) are expected to;
-another CPU kind may change the model bytes too, which is why only the metrics are
-asserted.  Slow (the full default training); skipped until a baseline is committed.
+another CPU kind changes the model bytes too.  Slow (the full default training);
+skipped until a baseline is committed.
 """
 
 from __future__ import annotations
@@ -28,9 +46,19 @@ from tools import scratch
 from vesselseg.params import flatten
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-TOLERANCE = 1e-3
+TOLERANCE = 0.01  # rates and losses (see the module docstring for the measured spread)
+BETTI_TOLERANCE = 3.0  # mean Betti-0 / Betti-1 error per image
+EXACT = {"n_images", "n_params", "epochs_run"}  # define the run: equal on every CPU
 TIMED = {"reports/train/history.csv", "reports/train/metrics.json"}  # hold wall-clock seconds
-NOT_METRICS = {"train_seconds"}  # timing, not quality
+NOT_METRICS = {"train_seconds", "best_epoch"}  # timing; a choice among near-equal epochs
+
+
+def tolerance(key: str) -> float:
+    """How far a metric may lie from the committed one on another CPU kind."""
+    name = key.split(".")[-1]
+    if name in EXACT:
+        return 0.0
+    return BETTI_TOLERANCE if name.startswith("betti") else TOLERANCE
 
 
 def _committed(root: Path, path: str) -> str | None:
@@ -69,11 +97,11 @@ def reproduce_in_a_clone(root: Path, dest: Path) -> list[str]:
         want, got = _numbers(committed), _numbers((clone / path).read_text())
         assert set(got) == set(want), f"{path}: keys differ: {sorted(set(got) ^ set(want))}"
         off = {
-            k: (want[k], got[k])
+            k: (want[k], got[k], tolerance(k))
             for k in want
-            if not (math.isnan(want[k]) and math.isnan(got[k])) and not abs(want[k] - got[k]) <= TOLERANCE
+            if not (math.isnan(want[k]) and math.isnan(got[k])) and not abs(want[k] - got[k]) <= tolerance(k)
         }
-        assert not off, f"{path}: differs from the committed baseline by more than {TOLERANCE}: {off}"
+        assert not off, f"{path}: differs from the committed baseline by more than (committed, got, tolerance): {off}"
     before, after = _hashes(lock), _hashes((clone / "dvc.lock").read_text())
     assert set(after) == set(before), "the clone's pipeline declares other outputs than the committed dvc.lock"
     return sorted(p for p in before if before[p] != after[p])

@@ -10,7 +10,7 @@ baseline, a clone gives a byte-identical `reports/metrics.json` (measured 2026-1
 and 2026-12-01 on an AMD EPYC with AVX2).  Another kind trains through other
 vectorised kernels, which sum in another order: an Intel Xeon with AVX-512 drifted to
 a test Dice of 0.9609 against the committed 0.9629.  Capping its kernels at AVX2
-(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) gave 0.9641, so no setting
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2``) gave 0.9641, so no setting
 makes two CPU kinds agree bit for bit.  Over those three runs the widest spreads were
 0.0046 on a rate (balanced accuracy), 1.5 on a mean Betti-1 error and 2 on the best
 epoch (9 against 11).  So the test asserts:

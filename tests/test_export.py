@@ -31,16 +31,14 @@ def _torch_probs(model_path: Path, x: torch.Tensor) -> np.ndarray:
         return foreground_probability(model(x)).numpy()
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_torch_on_drive_size_and_odd_size(model_file: Path, tmp_path: Path, fmt: str) -> None:
+def _assert_export_matches_torch(model_file: Path, out: Path, fmt: str, shapes: tuple[tuple[int, int], ...]) -> None:
     import onnxruntime as ort
 
     from vesselseg.export import read_torchscript_spec
 
-    out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'ts'}"
     main(["export", "--model", str(model_file), "--format", fmt, "--out", str(out)])
     gen = torch.Generator().manual_seed(0)
-    for shape in ((584, 565), (101, 77)):
+    for shape in shapes:
         x = torch.rand(1, 1, *shape, generator=gen)
         expected = _torch_probs(model_file, x)
         if fmt == "onnx":
@@ -53,6 +51,26 @@ def test_export_matches_torch_on_drive_size_and_odd_size(model_file: Path, tmp_p
                 got = module(x).numpy()
         assert got.shape == expected.shape == (1, 1, *shape)
         assert float(np.abs(got - expected).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_torch_on_drive_size_and_odd_size(model_file: Path, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'ts'}"
+    _assert_export_matches_torch(model_file, out, fmt, ((584, 565), (101, 77)))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_of_a_wnet_matches_torch(tmp_path: Path, fmt: str) -> None:
+    """model.stacks 2: the exported graph is the eval-mode W-Net (final stage only)."""
+    from tests.test_segment import TINY, tiny_spec
+    from vesselseg.models import build_model, save_model
+
+    torch.manual_seed(0)
+    config = {**TINY, "stacks": 2}
+    model_file = tmp_path / "wnet.pt"
+    save_model(model_file, build_model(config).eval(), config, extra={"preprocessing": tiny_spec()})
+    out = tmp_path / f"w.{'onnx' if fmt == 'onnx' else 'ts'}"
+    _assert_export_matches_torch(model_file, out, fmt, ((101, 77),))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -25,6 +25,7 @@ from vesselseg.models import (
 )
 from vesselseg.models.ipn import depth_pool_factors
 from vesselseg.models.resnet_patch import load_imagenet_weights
+from vesselseg.models.unet import reflect_pad
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,9 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tupl
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    loss = nn.functional.binary_cross_entropy_with_logits(model(x), target)
+    out = model(x)
+    stages = out if isinstance(out, tuple) else (out,)  # a W-Net returns every stage in training
+    loss = sum(nn.functional.binary_cross_entropy_with_logits(o, target) for o in stages) / len(stages)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -142,6 +145,7 @@ def test_valid_padding_predictor_passes_same_models_through() -> None:
         ({"upsampling": "nearest"}, "upsampling"),
         ({"padding": "full"}, "padding"),
         ({"dropout": 1.0}, "dropout"),
+        ({"stacks": 0}, "stacks"),
     ],
 )
 def test_unet_rejects_bad_settings(kwargs: dict, match: str) -> None:
@@ -150,6 +154,51 @@ def test_unet_rejects_bad_settings(kwargs: dict, match: str) -> None:
 
 
 # -- IPN -----------------------------------------------------------------------
+
+
+def test_wnet_is_two_unets_the_second_reading_image_and_probabilities() -> None:
+    """stacks=2 (W-Net): stage 2 = a U-Net on [image, sigmoid(stage 1)], same shape otherwise."""
+    kw = {"depth": 2, "base_channels": 4, "dropout": 0.0}
+    torch.manual_seed(0)
+    wnet = UNet(stacks=2, **kw).eval()
+    torch.manual_seed(0)
+    single = UNet(**kw).eval()
+    assert wnet.n_params == single.n_params + UNet(in_channels=2, **kw).n_params
+    # Stage 1 draws its weights first, exactly as a single U-Net does from the same seed:
+    # stacking leaves every existing model (and the committed metrics) unchanged.
+    stage1 = {k: v for k, v in wnet.state_dict().items() if not k.startswith("refine.")}
+    assert stage1.keys() == single.state_dict().keys()
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in stage1.items())
+    x = torch.randn(2, 1, 20, 24)  # a multiple of 2**depth: no padding
+    with torch.no_grad():
+        y = wnet(x)
+        expected = wnet.refine(torch.cat([x, torch.sigmoid(single(x))], dim=1))
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 1, 20, 24)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    # Any other size is padded once for both stages, so the second stage refines the
+    # first one's own border predictions (what the exported graph computes too).
+    odd = torch.randn(1, 1, 19, 23)
+    with torch.no_grad():
+        torch.testing.assert_close(wnet(odd), wnet(reflect_pad(odd, (0, 1, 0, 1)))[..., :19, :23], rtol=0, atol=0)
+
+
+def test_wnet_in_training_returns_every_stage_final_first() -> None:
+    torch.manual_seed(0)
+    net = UNet(stacks=3, depth=1, base_channels=2, dropout=0.0, out_channels=2).train()
+    outs = net(torch.randn(2, 1, 8, 8))
+    assert isinstance(outs, tuple) and len(outs) == 3
+    assert all(o.shape == (2, 2, 8, 8) for o in outs)
+    net.eval()
+    with torch.no_grad():
+        final = net(torch.randn(1, 1, 8, 8))
+    assert isinstance(final, torch.Tensor)
+    # a two-class stage hands on its softmax class-1 probability: one extra channel
+    assert net.refine is not None and net.refine.inc[0].in_channels == 2
+
+
+def test_wnet_refuses_valid_padding() -> None:
+    with pytest.raises(ValueError, match="stacks > 1 needs padding 'same'"):
+        UNet(stacks=2, padding="valid")
 
 
 @pytest.mark.parametrize(("depth", "n_blocks"), [(160, 3), (640, 5), (64, 3), (8, 3), (12, 2)])
@@ -262,6 +311,7 @@ def test_load_imagenet_weights(tmp_path: Path) -> None:
     ("config", "x_shape", "y_shape"),
     [
         ({"name": "unet", "depth": 2, "base_channels": 4}, (2, 1, 24, 24), (2, 1, 24, 24)),
+        ({"name": "unet", "depth": 2, "base_channels": 4, "stacks": 2}, (2, 1, 24, 24), (2, 1, 24, 24)),
         (
             {"name": "unet", "depth": 2, "base_channels": 4, "padding": "valid", "upsampling": "transpose"},
             (2, 1, 44, 44),
@@ -285,17 +335,20 @@ def test_one_training_step(config: dict, x_shape: tuple, y_shape: tuple) -> None
 
 CONFIGS = [
     {"name": "unet", "depth": 2, "base_channels": 4, "dropout": 0.2, "upsampling": "transpose"},
+    {"name": "unet", "depth": 1, "base_channels": 2, "stacks": 2},
     {"name": "ipn", "channels": 3, "n_blocks": 2, "depth": 6},
     {"name": "resnet_patch", "width": 2, "layers": [1, 1, 1, 1]},
 ]
-INPUTS = [(1, 1, 19, 23), (1, 1, 6, 7, 9), (2, 1, 16, 16)]
+INPUTS = [(1, 1, 19, 23), (1, 1, 16, 16), (1, 1, 6, 7, 9), (2, 1, 16, 16)]
 
 
 @pytest.mark.parametrize(("config", "shape"), list(zip(CONFIGS, INPUTS, strict=True)))
 def test_save_load_roundtrip(tmp_path: Path, config: dict, shape: tuple) -> None:
     torch.manual_seed(0)
     model = build_model(config)
-    _train_step(model, torch.randn(*shape), torch.zeros_like(model(torch.randn(*shape))))  # BN stats move
+    with torch.no_grad():
+        target = torch.zeros_like(model.eval()(torch.randn(*shape)))
+    _train_step(model, torch.randn(*shape), target)  # BN stats move
     model.eval()
     path = tmp_path / "models" / "model.pt"
     save_model(path, model, config, extra={"best_epoch": 3, "val_dice": 0.5, "params": {"train.lr": 1e-3}})

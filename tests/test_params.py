@@ -98,6 +98,9 @@ def test_schema_defaults_are_the_shipped_params_yaml() -> None:
         # the classical baselines read one grey channel
         ({"model.name": "knn", "prepare.channel": "rgb"}, ("prepare.channel", "model.name")),
         ({"model.name": "vesselness", "model.in_channels": 3}, ("model.in_channels", "model.name")),
+        # a W-Net stacks U-Nets, with same padding
+        ({"model.name": "ipn", "prepare.volumes": True, "model.stacks": 2}, ("model.stacks", "model.name")),
+        ({"model.stacks": 2, "model.padding": "valid"}, ("model.stacks", "model.padding")),
         # two classes only where the family has a softmax head
         (
             {"model.name": "resnet_patch", "model.out_channels": 2, "train.loss": "bce"},
@@ -123,6 +126,7 @@ def test_cross_section_rules_name_both_keys(tmp_path: Path, overrides: dict, key
         {"model.name": "ipn", "prepare.volumes": True},
         {"prepare.channel": "rgb", "model.in_channels": 3},
         {"model.name": "knn", "prepare.channel": "grey"},
+        {"model.stacks": 2},
     ],
 )
 def test_consistent_cross_section_settings_pass(tmp_path: Path, overrides: dict) -> None:

@@ -176,6 +176,27 @@ def test_valid_padding_unet_trains_on_cropped_targets(tmp_path: Path) -> None:
     assert 0.0 <= metrics["best_val_dice"] <= 1.0
 
 
+def test_wnet_trains_with_every_stage_supervised(tmp_path: Path) -> None:
+    """model.stacks 2: the loss is the mean of both stages' losses, and the W-Net learns."""
+    from vesselseg.models import load_model
+    from vesselseg.params import TrainParams
+
+    prepared, patches = _data(tmp_path)
+    out, metrics = _fit(tmp_path, prepared, patches, "wnet", model={**MODEL, "stacks": 2}, epochs=4)
+    hist = pd.read_csv(out / "history.csv")
+    assert hist.train_loss.iloc[-1] < hist.train_loss.iloc[0] and metrics["epochs_run"] == 4
+    net, meta = load_model(out / "model.pt")
+    assert meta["config"]["stacks"] == 2 and net.refine is not None
+    trainer = cpu_trainer(net, meta["config"], TrainParams(amp=False, channels_last=False), steps_per_epoch=1)
+    x, y, m = _batch(1)
+    net.train()
+    with torch.no_grad():
+        stages = net(x)
+        assert isinstance(stages, tuple) and len(stages) == 2
+        per_stage = [float(trainer._loss(s, y, m)) for s in stages]
+        assert float(trainer._loss(stages, y, m)) == pytest.approx(sum(per_stage) / 2)
+
+
 def test_center_crop_to() -> None:
     from vesselseg.training.loop import center_crop_to
 

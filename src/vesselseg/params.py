@@ -164,6 +164,7 @@ class ModelParams(_Section):
     upsampling: Literal["bilinear", "transpose"] = "bilinear"
     padding: Literal["same", "valid"] = "same"
     input_norm: bool = False
+    stacks: int = Field(1, ge=1, le=4)
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(1, ge=1, le=2)
     knn: KnnParams = KnnParams()
@@ -253,6 +254,12 @@ class Params(_Section):
             if t.loss == "ce":
                 raise ValueError("train.loss: 'ce' needs model.out_channels: 2 (two classes with softmax)")
             raise ValueError(f"model.out_channels: 2 needs train.loss: 'ce' (got {t.loss!r}, a one-output loss)")
+        if m.stacks > 1 and m.name != "unet":
+            raise ValueError(f"model.stacks: {m.stacks} stacks U-Nets (a W-Net); model.name {m.name!r} has one (set 1)")
+        if m.stacks > 1 and m.padding != "same":
+            raise ValueError(
+                f"model.stacks: {m.stacks} needs model.padding: same (a 'valid' stage shrinks what it refines)"
+            )
         if fam.one_channel and m.in_channels != 1:
             raise ValueError(f"model.in_channels: model.name {m.name!r} reads one-channel inputs (set 1)")
         if fam.one_channel and prep.channel == "rgb":

@@ -113,6 +113,7 @@ class UNetFamily(NetworkFamily):
             "upsampling",
             "padding",
             "input_norm",
+            "stacks",
             "out_channels",
         )
         return {"name": self.name, "in_channels": model.in_channels, **{k: getattr(model, k) for k in keys}}

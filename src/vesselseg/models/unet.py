@@ -17,6 +17,15 @@ change how inference must be done:
   :meth:`UNet.input_size_for` give the exact arithmetic, and
   :func:`valid_padding_predictor` wraps a model so that the output matches the input
   (what sliding-window inference wants).
+
+``stacks=2`` makes it a W-Net (Galdran et al., "State-of-the-art retinal vessel
+segmentation with minimalistic models", Sci. Rep. 2022): a second U-Net of the same
+shape reads the image together with the first one's vessel probabilities and
+refines them, so the second pass sees a whole first guess of the tree (where a
+vessel continues, how wide its neighbours are) that a single pass has to infer from
+pixels.  In training mode a stacked net returns every stage's logits, final first,
+so that each stage is supervised (the paper's loss on both outputs); in eval mode it
+returns the final logits only, so prediction, export and TTA see one tensor.
 """
 
 from __future__ import annotations
@@ -137,6 +146,9 @@ class UNet(nn.Module):
         dropout: dropout probability between the two convs of every block (0 = off).
         upsampling: {"bilinear", "transpose"}: bilinear + 1x1 conv, or ConvTranspose2d(2, 2).
         padding: {"same", "valid"}; see the module docstring.
+        input_norm: per-sample, per-channel standardisation of the input (a layer).
+        stacks: U-Nets in sequence (2 = W-Net); each after the first reads the image
+            plus the previous stage's vessel probability.  Only with ``padding="same"``.
 
     Note:
         Input is ``(N, in_channels, H, W)`` float.  With ``padding="same"`` H' = H and
@@ -154,9 +166,11 @@ class UNet(nn.Module):
         upsampling: Upsampling = "bilinear",
         padding: Padding = "same",
         input_norm: bool = False,
+        stacks: int = 1,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
+        _check_int("stacks", stacks, 1)
         _check_int("out_channels", out_channels, 1)
         _check_int("depth", depth, 1)
         _check_int("base_channels", base_channels, 1)
@@ -166,6 +180,8 @@ class UNet(nn.Module):
             raise ValueError(f"upsampling must be one of ['bilinear', 'transpose'], got {upsampling!r}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be one of ['same', 'valid'], got {padding!r}")
+        if stacks > 1 and padding != "same":
+            raise ValueError("stacks > 1 needs padding 'same' (a valid-padding stage shrinks the image it refines)")
         self.depth = depth
         self.padding = padding
         # Per-sample, per-channel standardisation inside the net (the patches-unet3
@@ -180,6 +196,22 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(Up(widths[i + 1], upsampling=upsampling, **kw) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
         init_kaiming(self)
+        # Built after init_kaiming so that a single U-Net draws its weights exactly as
+        # before stacking existed (same seed, same network, same metrics).
+        self.refine: UNet | None = None
+        if stacks > 1:
+            self.refine = UNet(
+                in_channels + 1,
+                out_channels,
+                depth,
+                base_channels,
+                batch_norm,
+                dropout,
+                upsampling,
+                padding,
+                input_norm,
+                stacks - 1,
+            )
 
     @property
     def n_params(self) -> int:
@@ -187,17 +219,36 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward ---------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits; for a stacked net in training mode, every stage's logits (final first)."""
         if x.ndim != 4:
             raise ValueError(f"UNet expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if self.padding == "same":
+            # Padded once for all stages: a later stage then refines the first one's
+            # own border predictions (not their reflection), and the exported graph,
+            # which pads in its wrapper (vesselseg.export), computes the same thing.
             m = 2**self.depth
             ph, pw = (-h) % m, (-w) % m
             if ph or pw:
                 x = reflect_pad(x, (0, pw, 0, ph))
         else:
             self.output_size((h, w))  # raises a clear ValueError for impossible sizes
+        stages = self._stages(x)
+        if self.padding == "same":
+            stages = [y[..., :h, :w] for y in stages]
+        if len(stages) == 1 or not self.training:
+            return stages[-1]
+        return tuple(reversed(stages))
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's logits on an input the network's size arithmetic accepts, first stage first."""
+        y = self._network(x)
+        if self.refine is None:
+            return [y]
+        return [y, *self.refine._stages(torch.cat([x, _vessel_probability(y)], dim=1))]
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_norm(x)
         skips = [self.inc(x)]
         for down in self.downs:
@@ -205,10 +256,7 @@ class UNet(nn.Module):
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        y = self.head(y)
-        if self.padding == "same":
-            y = y[..., :h, :w]
-        return y
+        return self.head(y)
 
     # -- size arithmetic -------------------------------------------------------
     def output_size(self, input_size: Size) -> Size:
@@ -296,6 +344,13 @@ def valid_padding_predictor(model: nn.Module) -> Callable[[torch.Tensor], torch.
         return y[..., crops[0] : crops[0] + h, crops[1] : crops[1] + w]
 
     return predict
+
+
+def _vessel_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The vessel probability a stage hands to the next: sigmoid, or softmax class 1."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)[:, 1:2]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -166,7 +166,12 @@ class Trainer:
             out[0] = out[0].contiguous(memory_format=torch.channels_last)
         return out
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, tuple):
+            # A stacked U-Net (W-Net) in training: every stage is supervised, as in
+            # Galdran et al.; the mean keeps the loss on the scale of one stage's, so
+            # history.csv stays comparable across `model.stacks`.
+            return torch.stack([self._loss(stage, y, m) for stage in logits]).mean()
         logits = logits.float()
         y, m = center_crop_to(y, logits), center_crop_to(m, logits)
         if self.two_class:

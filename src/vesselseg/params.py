@@ -254,7 +254,7 @@ class Params(_Section):
             if t.loss == "ce":
                 raise ValueError("train.loss: 'ce' needs model.out_channels: 2 (two classes with softmax)")
             raise ValueError(f"model.out_channels: 2 needs train.loss: 'ce' (got {t.loss!r}, a one-output loss)")
-        if m.stacks > 1 and m.name != "unet":
+        if m.stacks > 1 and not fam.stackable:
             raise ValueError(f"model.stacks: {m.stacks} stacks U-Nets (a W-Net); model.name {m.name!r} has one (set 1)")
         if m.stacks > 1 and m.padding != "same":
             raise ValueError(

@@ -31,7 +31,8 @@ class FamilyInfo:
     ``needs_volumes``: trains on prepared volumes (``prepare.volumes: true``);
     ``target``: what one training sample is labelled with (``pixels``: a dense map;
     ``centre_pixel``: one label per patch); ``exportable``: ``vesselseg export`` can
-    trace its network to ONNX/TorchScript.
+    trace its network to ONNX/TorchScript; ``stackable``: ``model.stacks > 1`` chains
+    its networks (a W-Net).
     """
 
     name: str
@@ -45,6 +46,7 @@ class FamilyInfo:
     needs_volumes: bool = False
     target: str = "pixels"
     exportable: bool = False
+    stackable: bool = False
 
 
 FAMILIES: dict[str, FamilyInfo] = {
@@ -58,6 +60,7 @@ FAMILIES: dict[str, FamilyInfo] = {
             network="vesselseg.models.unet:UNet",
             two_class=True,
             exportable=True,
+            stackable=True,
         ),
         FamilyInfo(
             "ipn",

@@ -25,6 +25,7 @@ from vesselseg import atomic, imagefiles
 from vesselseg.device import amp_dtype, resolve_device
 from vesselseg.errors import DataError, ParamsError
 from vesselseg.inference.sliding_window import Weighting, fit_window, sliding_window_inference, validate_args
+from vesselseg.models.probability import foreground_probability
 from vesselseg.normalize import image_to_input
 from vesselseg.params import PredictParams
 from vesselseg.prepared import PreparedDataset
@@ -61,16 +62,6 @@ def _probability_predictor(
         return foreground_probability(logits)
 
     return predict
-
-
-def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
-    """float32 foreground probability (B, 1, h, w): sigmoid of one output, softmax[1] of two."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits)
-    if logits.shape[1] == 2:
-        return torch.softmax(logits, dim=1)[:, 1:2]
-    raise ValueError(f"model must output 1 (sigmoid) or 2 (softmax) channels, got {logits.shape[1]}")
 
 
 @contextlib.contextmanager

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vesselseg.models.probability import foreground_probability
+
 log = logging.getLogger(__name__)
 
 __all__ = ["UNet", "init_kaiming", "reflect_pad", "valid_padding_predictor"]
@@ -201,16 +203,16 @@ class UNet(nn.Module):
         self.refine: UNet | None = None
         if stacks > 1:
             self.refine = UNet(
-                in_channels + 1,
-                out_channels,
-                depth,
-                base_channels,
-                batch_norm,
-                dropout,
-                upsampling,
-                padding,
-                input_norm,
-                stacks - 1,
+                in_channels=in_channels + 1,  # the image plus the previous stage's probability
+                out_channels=out_channels,
+                depth=depth,
+                base_channels=base_channels,
+                batch_norm=batch_norm,
+                dropout=dropout,
+                upsampling=upsampling,
+                padding=padding,
+                input_norm=input_norm,
+                stacks=stacks - 1,
             )
 
     @property
@@ -246,7 +248,7 @@ class UNet(nn.Module):
         y = self._network(x)
         if self.refine is None:
             return [y]
-        return [y, *self.refine._stages(torch.cat([x, _vessel_probability(y)], dim=1))]
+        return [y, *self.refine._stages(torch.cat([x, foreground_probability(y)], dim=1))]
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_norm(x)
@@ -344,13 +346,6 @@ def valid_padding_predictor(model: nn.Module) -> Callable[[torch.Tensor], torch.
         return y[..., crops[0] : crops[0] + h, crops[1] : crops[1] + w]
 
     return predict
-
-
-def _vessel_probability(logits: torch.Tensor) -> torch.Tensor:
-    """The vessel probability a stage hands to the next: sigmoid, or softmax class 1."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)[:, 1:2]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -153,9 +153,6 @@ def test_unet_rejects_bad_settings(kwargs: dict, match: str) -> None:
         UNet(**kwargs)
 
 
-# -- IPN -----------------------------------------------------------------------
-
-
 def test_wnet_is_two_unets_the_second_reading_image_and_probabilities() -> None:
     """stacks=2 (W-Net): stage 2 = a U-Net on [image, sigmoid(stage 1)], same shape otherwise."""
     kw = {"depth": 2, "base_channels": 4, "dropout": 0.0}
@@ -182,7 +179,7 @@ def test_wnet_is_two_unets_the_second_reading_image_and_probabilities() -> None:
         torch.testing.assert_close(wnet(odd), wnet(reflect_pad(odd, (0, 1, 0, 1)))[..., :19, :23], rtol=0, atol=0)
 
 
-def test_wnet_in_training_returns_every_stage_final_first() -> None:
+def test_wnet_in_training_returns_one_output_per_stage() -> None:
     torch.manual_seed(0)
     net = UNet(stacks=3, depth=1, base_channels=2, dropout=0.0, out_channels=2).train()
     outs = net(torch.randn(2, 1, 8, 8))
@@ -199,6 +196,9 @@ def test_wnet_in_training_returns_every_stage_final_first() -> None:
 def test_wnet_refuses_valid_padding() -> None:
     with pytest.raises(ValueError, match="stacks > 1 needs padding 'same'"):
         UNet(stacks=2, padding="valid")
+
+
+# -- IPN -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("depth", "n_blocks"), [(160, 3), (640, 5), (64, 3), (8, 3), (12, 2)])
